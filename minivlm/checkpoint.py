@@ -1,0 +1,186 @@
+"""Loading and saving VLM / LM checkpoints in MiniMind-V's layouts.
+
+A checkpoint is a plain state dict (`.pth`, or `.safetensors`) without CLIP weights: CLIP is loaded
+separately from its Hugging Face folder. minivlm writes a `<name>.json` beside each checkpoint with
+the config, so loading needs no guessing; for files without one the config is read off tensor shapes.
+
+Two key layouts exist in the wild:
+  2025-04 (minivlm's own names, = Llama's): model.embed_tokens.weight, model.layers.{i}.self_attn.q_proj...
+  2025-02: tok_embeddings.weight, layers.{i}.attention.wq..., with *interleaved* RoPE; converting it
+           needs a row permutation of wq/wk, see `convert_2025_02`.
+Nothing is matched loosely: missing, unexpected or mis-shaped keys are an error that names them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+
+import torch
+
+from .config import LMConfig, VisionConfig, VLMConfig
+from .vision import CLIPVisionModel
+from .vlm import MiniMindVLM
+from .weights import WeightsError, atomic_torch_save, atomic_write, check_state_dict, load_state_dict
+
+# Derived buffers some MiniMind versions saved; they are recomputed from the config, never loaded.
+_DERIVED = re.compile(r"(^|\.)(mask|pos_cis|freqs_cos|freqs_sin)$")
+
+
+def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Permute the output rows of wq/wk, inside each head, from interleaved RoPE pairs (0,1), (2,3), …
+    to rotate-half pairs (0, d/2), (1, d/2+1), …: new row i = old 2i, new row d/2+i = old 2i+1."""
+    out, inp = w.shape
+    d = out // n_heads
+    return w.view(n_heads, d // 2, 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def convert_2025_02(sd: dict, num_attention_heads: int = 8) -> dict:
+    """Rename a 2025-02 state dict to the 2025-04 layout and fix its RoPE convention."""
+    hidden = sd["tok_embeddings.weight"].shape[1]
+    head_dim = hidden // num_attention_heads
+    out = {}
+    for k, v in sd.items():
+        if _DERIVED.search(k):
+            continue
+        m = re.match(r"layers\.(\d+)\.(.+)$", k)
+        if k == "tok_embeddings.weight":
+            out["model.embed_tokens.weight"] = v
+        elif k == "norm.weight":
+            out["model.norm.weight"] = v
+        elif k == "output.weight":
+            out["lm_head.weight"] = v
+        elif m:
+            i, rest = m.groups()
+            rest = (rest.replace("attention.wq", "self_attn.q_proj").replace("attention.wk", "self_attn.k_proj")
+                    .replace("attention.wv", "self_attn.v_proj").replace("attention.wo", "self_attn.o_proj")
+                    .replace("attention_norm", "input_layernorm").replace("ffn_norm", "post_attention_layernorm")
+                    .replace("feed_forward.shared_experts.", "mlp.shared_experts.0.")
+                    .replace("feed_forward.", "mlp.")
+                    .replace("w1.", "gate_proj.").replace("w3.", "up_proj.").replace("w2.", "down_proj."))
+            if rest == "self_attn.q_proj.weight":
+                v = interleaved_to_half(v, num_attention_heads)
+            elif rest == "self_attn.k_proj.weight":
+                v = interleaved_to_half(v, v.shape[0] // head_dim)
+            out[f"model.layers.{i}.{rest}"] = v
+        else:
+            out[k] = v  # vision_proj.* and anything unknown (reported later as unexpected)
+    return out
+
+
+def detect_layout(sd: dict) -> str:
+    if "tok_embeddings.weight" in sd:
+        return "2025-02"
+    if "model.embed_tokens.weight" in sd:
+        return "2025-04"
+    raise WeightsError("no embedding matrix found (neither model.embed_tokens.weight nor tok_embeddings.weight): "
+                       "not a MiniMind checkpoint")
+
+
+def to_2025_04(sd: dict, num_attention_heads: int = 8) -> dict:
+    """Any supported layout -> 2025-04 keys; derived buffers and CLIP keys dropped; tied head filled in."""
+    if detect_layout(sd) == "2025-02":
+        sd = convert_2025_02(sd, num_attention_heads)
+    sd = {k: v for k, v in sd.items() if not _DERIVED.search(k) and not k.startswith("vision_encoder.")}
+    if "lm_head.weight" not in sd:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]  # tied
+    elif not torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"]):
+        raise WeightsError("lm_head.weight differs from model.embed_tokens.weight, but MiniMind ties them: "
+                           "this checkpoint is from an untied model minivlm does not support")
+    return sd
+
+
+def infer_lm_config(sd: dict, **overrides) -> LMConfig:
+    """Read an LMConfig off the tensor shapes of a 2025-04 state dict (heads default to MiniMind's 8)."""
+    vocab, hidden = sd["model.embed_tokens.weight"].shape
+    layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"model\.layers\.(\d+)\.", k)))
+    experts = {int(m.group(1)) for k in sd if (m := re.match(r"model\.layers\.0\.mlp\.experts\.(\d+)\.", k))}
+    shared = {int(m.group(1)) for k in sd if (m := re.match(r"model\.layers\.0\.mlp\.shared_experts\.(\d+)\.", k))}
+    ffn_key = "model.layers.0.mlp.experts.0.gate_proj.weight" if experts else "model.layers.0.mlp.gate_proj.weight"
+    fields = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                  intermediate_size=sd[ffn_key].shape[0], use_moe=bool(experts))
+    if experts:
+        fields.update(n_routed_experts=len(experts), n_shared_experts=len(shared))
+    fields.update(overrides)
+    heads = fields.get("num_attention_heads", 8)
+    fields.setdefault("num_key_value_heads", sd["model.layers.0.self_attn.k_proj.weight"].shape[0] // (hidden // heads))
+    return LMConfig(**fields)
+
+
+def config_path_for(weights) -> str:
+    return os.path.splitext(os.fspath(weights))[0] + ".json"
+
+
+def load_vlm(weights, vision=None, **config_overrides) -> MiniMindVLM:
+    """Build a MiniMindVLM from a checkpoint (2025-04 or 2025-02 layout, fp16/fp32) and a CLIP tower.
+
+    weights: path to the `.pth`/`.safetensors` file. vision: a Hugging Face CLIP folder, a
+    CLIPVisionModel, or None (then a `vision/` folder beside the weights is used if present, else the
+    tower stays randomly initialised, with a warning). config_overrides: LMConfig fields
+    (e.g. num_attention_heads=8) that cannot be read off the tensor shapes.
+    """
+    weights = os.fspath(weights)
+    raw = load_state_dict(weights)
+    saved = None
+    if os.path.isfile(config_path_for(weights)):
+        with open(config_path_for(weights), encoding="utf-8") as f:
+            saved = json.load(f)
+    heads = config_overrides.get("num_attention_heads",
+                                 saved["vlm"]["lm"]["num_attention_heads"] if saved else 8)
+    sd = to_2025_04(raw, heads)
+
+    if isinstance(vision, CLIPVisionModel):
+        vision_model = vision
+    elif vision is not None:
+        vision_model = CLIPVisionModel.from_pretrained(vision)
+    elif os.path.isdir(os.path.join(os.path.dirname(weights), "vision")):
+        vision_model = CLIPVisionModel.from_pretrained(os.path.join(os.path.dirname(weights), "vision"))
+    else:
+        vision_cfg = VisionConfig(**saved["vlm"]["vision"]) if saved else VisionConfig()
+        warnings.warn(f"{weights}: no CLIP vision tower given (vision=...): it is randomly initialised, "
+                      f"image features will be meaningless")
+        vision_model = CLIPVisionModel(vision_cfg)
+
+    if saved:
+        cfg = VLMConfig.from_dict(saved["vlm"])
+        for k, v in config_overrides.items():
+            setattr(cfg.lm, k, v)
+        cfg.lm.__post_init__()
+        placeholder_id = saved.get("placeholder_id", 34)
+    else:
+        proj_keys = [k for k in sd if k.startswith("vision_proj.")]
+        kind = ("mlp2x_gelu" if "vision_proj.vision_proj.2.weight" in sd else
+                "linear" if "vision_proj.vision_proj.0.weight" in sd else "identity")
+        if not proj_keys and kind == "identity" and vision_model.config.hidden_size != sd["model.embed_tokens.weight"].shape[1]:
+            raise WeightsError(f"{weights}: no projector weights (vision_proj.*) in the checkpoint")
+        cfg = VLMConfig(lm=infer_lm_config(sd, **config_overrides), vision=vision_model.config, projector_type=kind)
+        placeholder_id = 34
+    cfg.vision = vision_model.config
+    model = MiniMindVLM(cfg, vision_model=vision_model, placeholder_id=placeholder_id)
+    check_state_dict(model.lm_state_dict(), sd, weights)
+    dtype = model.model.embed_tokens.weight.dtype
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False)  # vision keys: loaded above
+    return model
+
+
+def load_lm_weights(model, path):
+    """Initialise the decoder of `model` (MiniMindLM or MiniMindVLM) from a MiniMind LM checkpoint.
+    Every decoder key must be present; projector/vision keys are not expected in an LM file."""
+    sd = to_2025_04(load_state_dict(path), model.config.num_attention_heads)
+    expected = {k: v for k, v in model.state_dict().items()
+                if not k.startswith(("vision_encoder.", "vision_proj."))}
+    check_state_dict(expected, sd, os.fspath(path))
+    model.load_state_dict(sd, strict=False)
+
+
+def save_vlm(model: MiniMindVLM, path, dtype=torch.float16):
+    """Write the checkpoint (MiniMind-V 2025-04 layout, no CLIP keys) and `<name>.json` beside it."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    sd = {k: v.detach().to("cpu", dtype) for k, v in model.lm_state_dict().items()}
+    atomic_torch_save(sd, path)
+    meta = {"format": "minivlm-checkpoint-1", "vlm": model.vlm_config.to_dict(),
+            "placeholder_id": model.placeholder_id}
+    atomic_write(config_path_for(path), [json.dumps(meta, indent=2).encode()])

@@ -1,0 +1,238 @@
+"""Tokenizer, chat template and image placeholders for minivlm.
+
+Three things live here because they must agree with each other byte for byte:
+
+1. `Tokenizer`: a thin wrapper around a byte-level BPE `tokenizers.Tokenizer` (MiniMind's
+   `minimind_tokenizer/tokenizer.json`, or one trained with `train_tokenizer`). Ids 0/1/2 are
+   `<|endoftext|>` (pad), `<|im_start|>` (bos) and `<|im_end|>` (eos).
+2. The ChatML template (`render_chat`, `chat_pieces`), written in plain Python:
+
+       <|im_start|>system\\nYou are a helpful assistant<|im_end|>\\n
+       <|im_start|>user\\n{content}<|im_end|>\\n
+       <|im_start|>assistant\\n{content}<|im_end|>\\n
+       ...
+
+3. Image placeholders. Every `<image>` marker in a message becomes a run of `run_length` '@'
+   characters (196 for CLIP ViT-B/16), and every '@' becomes exactly one placeholder id. The VLM
+   later finds these runs by id and overwrites their embeddings with the image features.
+
+Forging rule (`sanitize_text`, applied to all message text before markers are expanded):
+  * every literal '@' becomes the full-width look-alike '＠' (U+FF20). Its UTF-8 bytes never
+    contain the byte 0x40, so no text a user types can add placeholder ids: an e-mail address
+    cannot break or fake an image run. After sanitizing, the only '@' left are placeholder runs.
+  * every "<|" becomes "< |". All special tokens start with "<|", so after this no special token
+    string survives in user text: a user typing "<|im_end|>" gets ordinary text tokens, not the
+    eos id. (The rule covers special tokens of the form "<|...|>", which is all MiniMind has.)
+
+Training a tokenizer:  python -m minivlm.tokenizer train --data A.jsonl --vocab-size 6400 --out DIR
+"""
+
+import argparse
+import json
+import os
+import re
+
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]  # trained tokenizers get ids 0, 1, 2
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant"
+IMAGE_MARKER = "<image>"
+PLACEHOLDER = "@"
+FULLWIDTH_AT = "\uff20"  # '＠', what a literal '@' in message text turns into
+
+_AT_RUNS = re.compile(r"(@+)")  # capturing group: re.split keeps the runs
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer with the three ChatML special tokens and a one-token '@'."""
+
+    def __init__(self, hf_tokenizer, source="<in memory>"):
+        self._tok = hf_tokenizer
+        self.source = source  # named in error messages
+        ids = {t: hf_tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+        missing = [t for t, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"{source}: tokenizer lacks the special token(s) {', '.join(missing)}")
+        self.pad_id, self.bos_id, self.eos_id = ids[PAD_TOKEN], ids[BOS_TOKEN], ids[EOS_TOKEN]
+        self._placeholder_id = None  # looked up lazily, see placeholder_id
+
+    @classmethod
+    def from_file(cls, path):
+        """Load `tokenizer.json`, or a folder holding one (like MiniMind's `minimind_tokenizer/`)."""
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file}: no such tokenizer file")
+        try:
+            hf = _HFTokenizer.from_file(file)
+        except Exception as e:  # tokenizers raises a bare Exception on malformed json
+            raise ValueError(f"{file}: not a valid tokenizer.json ({e})") from None
+        return cls(hf, source=file)
+
+    def save(self, folder):
+        os.makedirs(folder, exist_ok=True)
+        self._tok.save(os.path.join(folder, "tokenizer.json"))
+
+    @property
+    def vocab_size(self):
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token):
+        return self._tok.token_to_id(token)
+
+    @property
+    def placeholder_id(self):
+        """Id of the single token '@' that fills image placeholder runs."""
+        if self._placeholder_id is None:
+            ids = self._tok.encode(PLACEHOLDER, add_special_tokens=False).ids
+            if len(ids) != 1:
+                raise ValueError(f"{self.source}: '@' is not a single token (encodes to {ids}), "
+                                 "it cannot serve as the image placeholder")
+            self._placeholder_id = ids[0]
+        return self._placeholder_id
+
+    def check_placeholder(self, run_length):
+        """Verify that the vocabulary encodes '@' * run_length as run_length placeholder ids.
+
+        `encode` already guarantees this by splitting text at '@'; this checks the vocabulary
+        itself, so a tokenizer whose BPE merges '@@' is reported rather than silently worked around.
+        """
+        pid = self.placeholder_id
+        ids = self._tok.encode(PLACEHOLDER * run_length, add_special_tokens=False).ids
+        if ids != [pid] * run_length:
+            raise ValueError(f"{self.source}: '@' * {run_length} encodes to {len(ids)} ids, expected "
+                             f"{run_length} copies of id {pid}: the vocabulary merges '@'")
+
+    def encode(self, text):
+        """Text -> ids. Special-token strings map to their ids; no BOS/EOS is added.
+
+        Text is split at runs of '@' and each '@' becomes exactly one placeholder id, whatever
+        merges the vocabulary has (MiniMind's could merge ' @', which would shorten an image run
+        by one and silently drop the image).
+        """
+        ids = []
+        for piece in _AT_RUNS.split(text):
+            if piece.startswith(PLACEHOLDER):
+                ids.extend([self.placeholder_id] * len(piece))
+            elif piece:
+                ids.extend(self._tok.encode(piece, add_special_tokens=False).ids)
+        return ids
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat template and placeholders
+
+
+def sanitize_text(text):
+    """Make message text unable to forge placeholder ids or special tokens (see module docstring)."""
+    return text.replace(PLACEHOLDER, FULLWIDTH_AT).replace("<|", "< |")
+
+
+def image_placeholder(run_length):
+    return PLACEHOLDER * run_length
+
+
+def expand_images(text, run_length):
+    """Sanitize `text`, then replace each `<image>` marker with a run of `run_length` '@'."""
+    return sanitize_text(text).replace(IMAGE_MARKER, image_placeholder(run_length))
+
+
+def chat_pieces(messages, add_generation_prompt=False):
+    """The rendered chat as a list of (text, trained) pieces; ''.join(texts) == render_chat(...).
+
+    `trained` is True exactly for each assistant answer plus the `<|im_end|>` that closes it: the
+    model must learn to say the answer and then to stop. The header `<|im_start|>assistant\\n` is
+    its own piece because at inference the prompt ends there and the answer starts a new token.
+    Contents are used as given: call `expand_images` on them first.
+    """
+    pieces = []
+    if not messages or messages[0]["role"] != "system":
+        pieces.append((f"{BOS_TOKEN}system\n{DEFAULT_SYSTEM_PROMPT}{EOS_TOKEN}\n", False))
+    for m in messages:
+        role, content = m["role"], m["content"]
+        if role == "assistant":
+            pieces += [(f"{BOS_TOKEN}assistant\n", False), (content + EOS_TOKEN, True), ("\n", False)]
+        else:
+            pieces.append((f"{BOS_TOKEN}{role}\n{content}{EOS_TOKEN}\n", False))
+    if add_generation_prompt:
+        pieces.append((f"{BOS_TOKEN}assistant\n", False))
+    return pieces
+
+
+def render_chat(messages, add_generation_prompt=False):
+    """Render [{"role", "content"}, ...] as ChatML text (REFERENCE §3)."""
+    return "".join(text for text, _ in chat_pieces(messages, add_generation_prompt))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def _training_texts(files):
+    """Stream the text of every message in MiniMind-V jsonl files, one string per message."""
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    messages = json.loads(line)["conversations"]
+                    texts = [f"{m['role']}\n{m['content']}" for m in messages]
+                except (ValueError, KeyError, TypeError) as e:
+                    raise ValueError(f"{path}:{line_no}: not a MiniMind-V sample ({e})") from None
+                # Strip the image markers (they are not text) and every '@': with no '@' in the
+                # corpus, BPE never learns a merge involving it, so '@' stays one token forever.
+                for t in texts:
+                    yield t.replace(IMAGE_MARKER, "").replace(PLACEHOLDER, "")
+        yield f"system\n{DEFAULT_SYSTEM_PROMPT}"  # the default system prompt is in every sample
+
+
+def train_tokenizer(files, vocab_size=6400, out_dir=None):
+    """Train a byte-level BPE on MiniMind-V jsonl files; returns a `Tokenizer` (saved if out_dir).
+
+    A small corpus may support fewer merges than asked for: check `.vocab_size` afterwards.
+    """
+    hf = _HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,  # listed first, so they get ids 0, 1, 2
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: any text encodes
+        show_progress=False,
+    )
+    hf.train_from_iterator(_training_texts(files), trainer=trainer)
+    tok = Tokenizer(hf, source="trained tokenizer")
+    tok.check_placeholder(196)
+    if out_dir is not None:
+        tok.save(out_dir)
+        tok.source = os.path.join(out_dir, "tokenizer.json")
+    return tok
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m minivlm.tokenizer", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a byte-level BPE tokenizer on MiniMind-V jsonl files")
+    train.add_argument("--data", nargs="+", required=True, metavar="JSONL",
+                       help="one or more MiniMind-V jsonl files; the text of every message is used")
+    train.add_argument("--vocab-size", type=int, default=6400,
+                       help="target vocabulary size incl. 3 special tokens and 256 bytes (default 6400)")
+    train.add_argument("--out", required=True, metavar="DIR", help="folder to write tokenizer.json into")
+    args = parser.parse_args(argv)
+
+    tok = train_tokenizer(args.data, vocab_size=args.vocab_size, out_dir=args.out)
+    print(f"wrote {os.path.join(args.out, 'tokenizer.json')}: vocab size {tok.vocab_size} "
+          f"(asked for {args.vocab_size})")
+    sample = render_chat([{"role": "user", "content": expand_images("What is in <image>?", 4)}],
+                         add_generation_prompt=True)
+    ids = tok.encode(sample)
+    print(f"sample: {sample!r}\n  -> {len(ids)} ids: {ids}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""The CLIP vision tower (ViT), written out by hand with the checkpoint's own parameter names.
+
+    pixel_values (B, 3, 224, 224)
+      -> patch_embedding: conv 16x16, stride 16        (B, 768, 14, 14) -> (B, 196, 768)
+      -> prepend class_embedding, add position_embedding (B, 197, 768)
+      -> pre_layrnorm (sic: the checkpoint spells it so)
+      -> 12 pre-LayerNorm transformer layers            (B, 197, 768)
+      -> post_layernorm, applied to the CLS token only  (B, 768)  = pooler_output
+
+The VLM does not use the pooled vector: it takes one layer's per-patch features (B, 196, 768).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import VisionConfig
+from .weights import WeightsError, check_state_dict, load_state_dict
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    # The sigmoid approximation of GELU that the original CLIP weights were trained with.
+    return x * torch.sigmoid(1.702 * x)
+
+
+# "Learning Transferable Visual Models From Natural Language Supervision", Radford et al. 2021
+class CLIPVisionEmbeddings(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.class_embedding = nn.Parameter(torch.randn(d) * 0.02)
+        self.patch_embedding = nn.Conv2d(config.num_channels, d, kernel_size=config.patch_size,
+                                         stride=config.patch_size, bias=False)
+        self.position_embedding = nn.Embedding(config.num_patches + 1, d)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        B = pixel_values.shape[0]
+        dtype = self.patch_embedding.weight.dtype
+        x = self.patch_embedding(pixel_values.to(dtype))  # (B, D, 14, 14)
+        x = x.flatten(2).transpose(1, 2)  # (B, 196, D): patches in row-major order
+        cls = self.class_embedding.to(x.dtype).expand(B, 1, -1)
+        x = torch.cat([cls, x], dim=1)  # (B, 197, D)
+        return x + self.position_embedding.weight.to(x.dtype)
+
+
+class CLIPAttention(nn.Module):
+    """Multi-head self-attention with biases. `causal`/`attention_mask` serve CLIP's text tower."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(hidden_size, hidden_size)
+        self.k_proj = nn.Linear(hidden_size, hidden_size)
+        self.v_proj = nn.Linear(hidden_size, hidden_size)
+        self.out_proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x, attn_mask=None, causal=False):
+        B, T, D = x.shape
+        split = lambda t: t.view(B, T, self.num_heads, D // self.num_heads).transpose(1, 2)  # (B, H, T, hd)
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "quick_gelu"):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+        if act == "quick_gelu":
+            self.act = quick_gelu
+        elif act == "gelu":
+            self.act = F.gelu
+        else:
+            raise ValueError(f"unsupported CLIP activation {act!r}")
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, hidden_size, num_heads, intermediate_size, eps, act):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(hidden_size, eps=eps)
+        self.self_attn = CLIPAttention(hidden_size, num_heads)
+        self.layer_norm2 = nn.LayerNorm(hidden_size, eps=eps)
+        self.mlp = CLIPMLP(hidden_size, intermediate_size, act)
+
+    def forward(self, x, attn_mask=None, causal=False):
+        x = x + self.self_attn(self.layer_norm1(x), attn_mask, causal)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, hidden_size, num_heads, intermediate_size, num_layers, eps, act):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            CLIPEncoderLayer(hidden_size, num_heads, intermediate_size, eps, act) for _ in range(num_layers))
+
+    def forward(self, x, attn_mask=None, causal=False, output_hidden_states=False, stop_after=None):
+        """Returns (last output, tuple of hidden states or None). `stop_after` = run only that many layers."""
+        hidden_states = [x] if output_hidden_states else None
+        for layer in self.layers[:stop_after]:
+            x = layer(x, attn_mask, causal)
+            if output_hidden_states:
+                hidden_states.append(x)
+        return x, (tuple(hidden_states) if output_hidden_states else None)
+
+
+class CLIPVisionTransformer(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        c = config
+        self.embeddings = CLIPVisionEmbeddings(c)
+        self.pre_layrnorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.encoder = CLIPEncoder(c.hidden_size, c.num_attention_heads, c.intermediate_size,
+                                   c.num_hidden_layers, c.layer_norm_eps, c.hidden_act)
+        self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+
+@dataclass
+class CLIPVisionOutput:
+    last_hidden_state: torch.Tensor  # (B, 197, D), last layer output, no post_layernorm
+    pooler_output: torch.Tensor  # (B, D), post_layernorm(CLS of last layer)
+    hidden_states: tuple | None = None  # num_layers + 1 tensors: encoder input, then each layer's output
+
+
+class CLIPVisionModel(nn.Module):
+    """CLIP's image encoder. Parameter names match Hugging Face's `vision_model.*` keys."""
+
+    def __init__(self, config: VisionConfig | None = None):
+        super().__init__()
+        self.config = config or VisionConfig()
+        self.vision_model = CLIPVisionTransformer(self.config)
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> CLIPVisionOutput:
+        vm = self.vision_model
+        x = vm.pre_layrnorm(vm.embeddings(pixel_values))  # (B, 197, D)
+        x, hidden_states = vm.encoder(x, output_hidden_states=output_hidden_states)
+        pooled = vm.post_layernorm(x[:, 0])  # (B, D)
+        return CLIPVisionOutput(last_hidden_state=x, pooler_output=pooled, hidden_states=hidden_states)
+
+    def select_features(self, pixel_values: torch.Tensor, layer: int | None = None,
+                        feature: str | None = None) -> torch.Tensor:
+        """The features a VLM consumes: hidden state `layer` (default config.select_layer), with
+        CLS dropped ("patch", (B, 196, D)) or kept ("cls_patch", (B, 197, D)).
+        Layers after the selected one are never computed."""
+        layer = self.config.select_layer if layer is None else layer
+        feature = feature or self.config.select_feature
+        n = len(self.vision_model.encoder.layers)
+        index = layer if layer >= 0 else n + 1 + layer  # position in the n + 1 hidden states
+        if not 0 <= index <= n:
+            raise ValueError(f"select layer {layer} is out of range for {n} layers")
+        vm = self.vision_model
+        x = vm.pre_layrnorm(vm.embeddings(pixel_values))
+        x, _ = vm.encoder(x, stop_after=index)  # hidden_states[index]
+        return x[:, 1:] if feature == "patch" else x
+
+    # ----------------------------------------------------------------------------------------
+    # Loading a Hugging Face CLIP folder (full CLIPModel or vision-only CLIPVisionModel)
+
+    @classmethod
+    def from_pretrained(cls, folder, **overrides) -> "CLIPVisionModel":
+        config = read_clip_config(folder, "vision", **overrides)
+        model = cls(config)
+        sd = read_clip_weights(folder)
+        # A full CLIPModel also holds the text tower and projections: those are not ours to load.
+        ours = {k: v for k, v in sd.items() if k.startswith("vision_model.")}
+        model.load_checked(ours, f"{folder}")
+        return model
+
+    def load_checked(self, state_dict: dict, source: str):
+        """load_state_dict that names every missing / unexpected / mis-shaped key instead of ignoring it."""
+        sd = {k: v for k, v in state_dict.items() if not k.endswith("position_ids")}
+        check_state_dict(self.state_dict(), sd, source)
+        self.load_state_dict(sd)
+
+
+# Hugging Face's CLIPVisionConfig / CLIPTextConfig defaults, used for fields a config.json omits.
+_HF_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           image_size=224, patch_size=32, num_channels=3, layer_norm_eps=1e-5,
+                           hidden_act="quick_gelu", projection_dim=512)
+
+
+def read_clip_config(folder, tower: str = "vision", **overrides):
+    """Read `config.json` of a Hugging Face CLIP folder into a VisionConfig (tower="vision")."""
+    path = os.path.join(os.fspath(folder), "config.json")
+    if not os.path.isfile(path):
+        raise WeightsError(f"{path}: not found (is {folder} a Hugging Face CLIP folder?)")
+    with open(path, encoding="utf-8") as f:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise WeightsError(f"{path}: invalid JSON ({e})") from None
+    sub = raw.get(f"{tower}_config", raw)  # full CLIPModel nests it; a vision-only folder does not
+    if sub is None:
+        sub = {}
+    if tower != "vision":
+        raise ValueError(f"unknown CLIP tower {tower!r}")
+    fields = {k: sub.get(k, v) for k, v in _HF_VISION_DEFAULTS.items()}
+    fields["projection_dim"] = raw.get("projection_dim", fields["projection_dim"])
+    fields.update(overrides)
+    return VisionConfig(**fields)
+
+
+def read_clip_weights(folder) -> dict[str, torch.Tensor]:
+    """model.safetensors if present, else pytorch_model.bin."""
+    folder = os.fspath(folder)
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return load_state_dict(path)
+    raise WeightsError(f"{folder}: no model.safetensors or pytorch_model.bin found")

@@ -1,0 +1,137 @@
+"""Reading and writing weight files by hand: `.safetensors`, `.bin`/`.pth`, and strict key checks.
+
+The safetensors format is simple enough to read in a few lines:
+
+    [8 bytes: N, little-endian uint64][N bytes: JSON header][raw little-endian tensor bytes]
+
+The header maps each tensor name to {"dtype", "shape", "data_offsets": [begin, end]}, offsets counted
+from the first byte after the header; an optional "__metadata__" entry holds free-form strings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import torch
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+_DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+class WeightsError(ValueError):
+    """A weight file is unreadable or does not fit the model; the message names the file and keys."""
+
+
+def read_safetensors(path) -> dict[str, torch.Tensor]:
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8:
+        raise WeightsError(f"{path}: too short to be a .safetensors file ({len(data)} bytes)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if 8 + n > len(data):
+        raise WeightsError(f"{path}: header length {n} runs past the end of the file ({len(data)} bytes)")
+    try:
+        header = json.loads(data[8:8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: header is not valid JSON ({e})") from None
+    body = memoryview(data)[8 + n:]
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise WeightsError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+        shape, (begin, end) = info["shape"], info["data_offsets"]
+        numel = 1
+        for s in shape:
+            numel *= s
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if end - begin != numel * itemsize or end > len(body):
+            raise WeightsError(f"{path}: tensor {name!r} of shape {shape} does not fit its byte range "
+                               f"[{begin}, {end}) in a {len(body)}-byte body")
+        # bytearray(...) copies into a writable buffer that the tensor can own.
+        flat = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype) if numel else torch.empty(0, dtype=dtype)
+        tensors[name] = flat.reshape(shape)
+    return tensors
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None):
+    """Write tensors in the safetensors layout (atomically: a temporary file renamed into place)."""
+    header, chunks, offset = {}, [], 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        if t.dtype not in _DTYPE_NAMES:
+            raise WeightsError(f"{path}: cannot store tensor {name!r} of dtype {t.dtype}")
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # pad so tensor data starts 8-byte aligned
+    atomic_write(path, [struct.pack("<Q", len(head)), head, *chunks])
+
+
+def atomic_write(path, chunks):
+    """Write bytes to `path` so that a crash leaves either the old file or the new one, never half."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        for c in chunks:
+            f.write(c)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path):
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_state_dict(path) -> dict[str, torch.Tensor]:
+    """A `.safetensors` file through our reader, anything else through torch.load(weights_only=True)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise WeightsError(f"{path}: weights file not found")
+    if path.endswith(".safetensors"):
+        return read_safetensors(path)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors come in many types
+        raise WeightsError(f"{path}: cannot be read by torch.load ({type(e).__name__}: {e})") from None
+    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+        sd = sd["model"]  # a training checkpoint that wraps the weights
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsError(f"{path}: expected a state dict (name -> tensor), got {type(sd).__name__}")
+    return sd
+
+
+def check_state_dict(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], source: str):
+    """Raise WeightsError naming every missing, unexpected or mis-shaped key (first few of each)."""
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    shapes = [f"{k} {tuple(got[k].shape)} (model: {tuple(expected[k].shape)})"
+              for k in expected if k in got and got[k].shape != expected[k].shape]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+        if items:
+            more = f" … and {len(items) - 5} more" if len(items) > 5 else ""
+            problems.append(f"{len(items)} {label}: {', '.join(items[:5])}{more}")
+    if problems:
+        raise WeightsError(f"{source}: weights do not fit the model: " + "; ".join(problems))

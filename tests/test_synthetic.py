@@ -1,0 +1,331 @@
+"""Tests for the shapes world: the text must be true of the pixels, files must be
+well formed and reproducible, and the scorer must score what it claims to."""
+
+import json
+import os
+import random
+import re
+
+import numpy as np
+import pytest
+
+from minivlm import synthetic as S
+
+TOL = 30  # max per-channel distance for a pixel to count as "this palette colour"
+
+
+def scenes_and_images(n, seed=0, size=96):
+    out = []
+    for i in range(n):
+        rng = random.Random(seed * 100_000 + i)
+        scene = S.sample_scene(rng)
+        out.append((scene, np.asarray(S.render(scene, size, rng)).astype(int)))
+    return out
+
+
+def colour_mask(pixels, colour):
+    return (np.abs(pixels - np.array(S.COLOURS[colour])).max(axis=-1) <= TOL)
+
+
+def cell_slice(cell, size=96):
+    x0, y0, x1, y1 = S.cell_box(cell, size)
+    return slice(y0, y1), slice(x0, x1)
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+# -----------------------------------------------------------------------------
+# scenes and rendering
+
+def test_render_is_deterministic_and_seed_dependent():
+    def draw(seed):
+        rng = random.Random(seed)
+        return np.asarray(S.render(S.sample_scene(rng), 96, rng))
+    a, b, c = draw(7), draw(7), draw(8)
+    assert a.shape == (96, 96, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_scenes_are_valid():
+    rng = random.Random(0)
+    counts = set()
+    for _ in range(500):
+        scene = S.sample_scene(rng)
+        cells = [o.cell for o in scene.objects]
+        assert 1 <= len(cells) <= 3
+        assert cells == sorted(set(cells)), "distinct cells, in reading order"
+        for o in scene.objects:
+            assert o.shape in S.SHAPES and o.colour in S.COLOURS and o.size in S.SIZES
+        counts.add(len(cells))
+    assert counts == {1, 2, 3}
+
+
+def test_palette_is_distinct_and_far_from_background():
+    cols = np.array(list(S.COLOURS.values()))
+    dist = np.abs(cols[:, None] - cols[None]).max(-1)
+    assert (dist[~np.eye(len(cols), dtype=bool)] > 2 * TOL).all()
+    empty = np.asarray(S.render(S.Scene([]), 96, random.Random(0))).astype(int)
+    assert empty.max() < 60, "background is dark"
+    assert empty.std() > 1, "background is lightly noisy"
+
+
+def test_each_colour_is_in_its_own_cell_only():
+    for scene, px in scenes_and_images(150):
+        for colour in S.COLOURS:
+            mask = colour_mask(px, colour)
+            for cell in range(9):
+                here = [o for o in scene.objects if o.cell == cell and o.colour == colour]
+                n = mask[cell_slice(cell)].sum()
+                if here:
+                    assert n >= 40, (scene, colour, cell, n)  # even a small star has ~100 px
+                else:
+                    assert n == 0, (scene, colour, cell, n)
+
+
+def test_shapes_stay_inside_their_cells_and_sizes_differ():
+    widths = {"small": [], "large": []}
+    for scene, px in scenes_and_images(150, seed=1):
+        drawn = px.max(-1) > 70  # anything clearly brighter than the background (< 50)
+        outside = drawn.copy()
+        for o in scene.objects:
+            outside[cell_slice(o.cell)] = False
+        assert not outside.any(), "pixels drawn outside every object's cell"
+        for o in scene.objects:
+            ys, xs = np.nonzero(drawn[cell_slice(o.cell)])
+            assert xs.min() >= 1 and ys.min() >= 1 and xs.max() <= 30 and ys.max() <= 30  # 1 px margin
+            widths[o.size].append(xs.max() - xs.min() + 1)
+    # the geometry we aimed for: small ~18-20 px (> 1 patch), large ~28-30 px (< 1 cell)
+    assert 17 <= min(widths["small"]) and max(widths["small"]) <= 20, widths["small"]
+    assert 26 <= min(widths["large"]) and max(widths["large"]) <= 30, widths["large"]
+
+
+def test_positions_match_pixel_centroids():
+    checked = 0
+    for scene, px in scenes_and_images(150, seed=2):
+        colours = [o.colour for o in scene.objects]
+        for o in scene.objects:
+            if colours.count(o.colour) != 1:
+                continue
+            ys, xs = np.nonzero(colour_mask(px, o.colour))
+            row, col = int(ys.mean() // 32), int(xs.mean() // 32)
+            assert S.CELLS[row * 3 + col] == S.CELLS[o.cell]
+            checked += 1
+    assert checked > 150
+
+
+# -----------------------------------------------------------------------------
+# text
+
+def test_caption_wording():
+    scene = S.Scene([S.Obj("circle", "red", "large", 0), S.Obj("star", "blue", "small", 4)])
+    assert S.caption(scene) == "a large red circle at the top left and a small blue star in the center"
+    scene = S.Scene([S.Obj("cross", "orange", "small", 3), S.Obj("square", "white", "large", 5),
+                     S.Obj("triangle", "green", "large", 7)])
+    assert S.caption(scene) == ("a small orange cross on the left, a large white square on the right "
+                                "and a large green triangle at the bottom")
+
+
+def test_answers_are_true_of_the_scene():
+    rng = random.Random(3)
+    seen = set()
+    for _ in range(400):
+        scene = S.sample_scene(rng)
+        objs = scene.objects
+        for qtype, q, a in S.questions(scene, rng):
+            seen.add(qtype)
+            if qtype == "count":
+                assert a == S.NUMBER_WORDS[len(objs)]
+            elif qtype == "colour":
+                shape = re.match(r"What colour is the (\w+)\?", q).group(1)
+                match = [o for o in objs if o.shape == shape]
+                assert len(match) == 1 and match[0].colour == a
+            elif qtype == "shape":
+                colour = re.match(r"What shape is the (\w+) object\?", q).group(1)
+                match = [o for o in objs if o.colour == colour]
+                assert len(match) == 1 and match[0].shape == a
+            elif qtype == "position":
+                name = re.match(r"Where is the (.+)\?", q).group(1).split()
+                match = [o for o in objs if o.shape == name[-1] and (len(name) == 1 or o.colour == name[0])]
+                assert len(match) == 1 and S.CELLS[match[0].cell] == a
+            elif qtype == "exists":
+                colour, shape = re.match(r"Is there an? (\w+) (\w+)\?", q).groups()
+                present = any(o.colour == colour and o.shape == shape for o in objs)
+                assert a == ("yes" if present else "no")
+                if not present:  # a near miss: shares colour or shape with something present
+                    assert any(o.colour == colour or o.shape == shape for o in objs)
+            elif qtype == "describe":
+                assert a == S.caption(scene)
+    assert seen == {"colour", "shape", "count", "position", "exists", "describe"}
+
+
+def test_exists_is_balanced():
+    rng = random.Random(4)
+    answers = [a for _ in range(200) for t, q, a in S.questions(S.sample_scene(rng), rng) if t == "exists"]
+    assert len(answers) == 200
+    assert 0.4 <= answers.count("yes") / 200 <= 0.6
+
+
+def test_articles():
+    rng = random.Random(5)
+    for _ in range(300):
+        for t, q, a in S.questions(S.sample_scene(rng), rng):
+            assert not re.search(r"\ba [aeiou]", q + " " + a), (q, a)
+            assert not re.search(r"\ban [^aeiou\s]", q + " " + a), (q, a)
+
+
+def test_diff_pair_answer_is_in_first_and_not_second():
+    rng = random.Random(6)
+    for _ in range(200):
+        first, second = S.sample_diff_pair(rng)
+        assert len(first.objects) in (2, 3) and len(second.objects) == len(first.objects) - 1
+        answer = S.diff_answer(first, second)
+        colour, shape = answer.split()[1:]
+        assert any(o.colour == colour and o.shape == shape for o in first.objects)
+        assert not any(o.colour == colour and o.shape == shape for o in second.objects)
+        # the pixels agree: the removed object's cell is empty in the second image
+        gone = next(o for o in first.objects if o not in second.objects)
+        px = np.asarray(S.render(second, 96, rng)).astype(int)
+        assert px[cell_slice(gone.cell)].max() < 60
+
+
+# -----------------------------------------------------------------------------
+# files
+
+def test_write_dataset_files(tmp_path):
+    meta = S.write_dataset(tmp_path, n_train=12, n_test=8, seed=3)
+    files = ["pretrain.jsonl", "sft.jsonl", "sft_multi.jsonl", "test_sft.jsonl", "test_multi.jsonl"]
+    assert json.loads((tmp_path / "meta.json").read_text())["seed"] == 3
+    assert meta["lines"]["pretrain.jsonl"] == 12
+    for name in files:
+        records = read_jsonl(tmp_path / name)
+        assert records, name
+        for r in records:
+            images = [p.strip() for p in r["image"].split(",")]
+            user, assistant = r["conversations"]
+            assert user["role"] == "user" and assistant["role"] == "assistant"
+            assert user["content"].count("<image>") == len(images)
+            assert "<image>" not in assistant["content"]
+            for p in images:  # relative to the jsonl's folder
+                assert not os.path.isabs(p) and (tmp_path / p).is_file()
+            if name.startswith("test_"):
+                assert r["qtype"] in S.QTYPES and r["n_objects"] in (1, 2, 3)
+            if "multi" in name:
+                assert len(images) == 2 and r["qtype"] == "diff"
+                assert user["content"] == "<image>\n<image>\n" + S.DIFF_QUESTION
+    # train and test images are disjoint files; every sft sample is a single question
+    train_imgs = {r["image"] for r in read_jsonl(tmp_path / "sft.jsonl")}
+    test_imgs = {r["image"] for r in read_jsonl(tmp_path / "test_sft.jsonl")}
+    assert train_imgs and test_imgs and not train_imgs & test_imgs
+    assert all(len(r["conversations"]) == 2 for r in read_jsonl(tmp_path / "sft.jsonl"))
+
+
+def test_write_dataset_is_deterministic(tmp_path):
+    def snapshot(d):
+        return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+    S.write_dataset(tmp_path / "a", 5, 3, seed=1)
+    S.write_dataset(tmp_path / "b", 5, 3, seed=1)
+    S.write_dataset(tmp_path / "c", 5, 3, seed=2)
+    a, b, c = snapshot(tmp_path / "a"), snapshot(tmp_path / "b"), snapshot(tmp_path / "c")
+    assert a == b
+    assert a.keys() == c.keys() and a["sft.jsonl"] != c["sft.jsonl"]
+    assert a["images/train_000001.png"] != c["images/train_000001.png"]
+
+
+def test_cli_writes_files_and_preview(tmp_path, capsys):
+    out, grid = tmp_path / "ds", tmp_path / "grid.png"
+    assert S.main(["--out", str(out), "--train", "4", "--test", "4", "--seed", "9",
+                   "--preview", str(grid), "--quiet"]) == 0
+    for name in ["pretrain.jsonl", "sft.jsonl", "sft_multi.jsonl", "test_sft.jsonl",
+                 "test_multi.jsonl", "meta.json", "images/train_000004.png", "images/test_pair_000001_b.png"]:
+        assert (out / name).is_file(), name
+    from PIL import Image
+    assert Image.open(grid).size == (4 * 100 + 4, 4 * 100 + 4)
+    text = capsys.readouterr().out
+    assert "1. a " in text and "16. a " in text
+    with pytest.raises(SystemExit):
+        S.main(["--help"])
+    assert "--preview" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# scoring
+
+@pytest.mark.parametrize("raw, norm", [
+    ("Red.", "red"),
+    ("  The  RED   circle! ", "red circle"),
+    ("2", "two"),
+    ("There are 3 shapes", "there are three shapes"),
+    ("In the centre.", "center"),
+    ("at the top-left", "top left"),
+    ("The color", "colour"),
+    ("an orange star", "orange star"),
+    ("Yes", "yes"),
+])
+def test_normalize_answer(raw, norm):
+    assert S.normalize_answer(raw) == norm
+
+
+def test_score_per_type_and_object_count():
+    recs = [
+        dict(qtype="count", n_objects=1, prediction="1", answer="one"),
+        dict(qtype="count", n_objects=2, prediction="three", answer="two"),
+        dict(qtype="count", n_objects=2, prediction="Two.", answer="two"),
+        dict(qtype="colour", n_objects=3, prediction="red", answer="red"),
+        dict(qtype="position", n_objects=1, prediction="in the centre", answer="center"),
+        dict(qtype="exists", n_objects=2, prediction="yes", answer="no"),
+    ]
+    s = S.score(recs)
+    assert s["overall"] == {"correct": 4, "total": 6, "acc": pytest.approx(4 / 6)}
+    assert s["by_qtype"]["count"]["acc"] == pytest.approx(2 / 3)
+    assert s["by_qtype_nobj"]["count"][1]["acc"] == 1.0
+    assert s["by_qtype_nobj"]["count"][2]["acc"] == 0.5
+    assert s["by_qtype"]["exists"]["acc"] == 0.0
+    assert s["by_qtype"]["position"]["acc"] == 1.0
+    report = S.format_report(s)
+    assert "count" in report and "overall" in report and "66.7" in report
+
+
+def test_describe_attribute_score():
+    truth = "a large red circle at the top left and a small blue star in the center"
+    perfect = S.describe_attributes(truth, truth)
+    assert all(c == p == 2 for c, p in perfect.values())
+    # right objects and places, one wrong colour and one wrong size
+    got = S.describe_attributes("a large green circle at the top left and a large blue star in the center", truth)
+    assert got == {"position": (2, 2), "colour": (1, 2), "shape": (2, 2), "size": (1, 2)}
+    # an invented extra object costs credit
+    got = S.describe_attributes(truth + " and a small white cross at the bottom", truth)
+    assert got["position"] == (2, 3)
+    s = S.score([dict(qtype="describe", n_objects=2, prediction=truth, answer=truth)])
+    assert s["describe_attributes"]["all"]["acc"] == 1.0
+    assert "describe (attributes)" in S.format_report(s)
+
+
+# -----------------------------------------------------------------------------
+# on-the-fly dataset
+
+def test_on_the_fly_matches_files(tmp_path):
+    torch = pytest.importorskip("torch")
+    from minivlm.data import VLMDataset
+    from minivlm.tokenizer import train_tokenizer
+
+    S.write_dataset(tmp_path, n_train=6, n_test=2, seed=5)
+    tok = train_tokenizer([tmp_path / "pretrain.jsonl", tmp_path / "sft.jsonl"], vocab_size=400)
+    kw = dict(tokenizer=tok, run_length=4, max_length=128, image_size=96)
+    for kind, name in (("pretrain", "pretrain.jsonl"), ("multi", "sft_multi.jsonl")):
+        files = VLMDataset(tmp_path / name, **kw)
+        fly = S.SyntheticVLMDataset(kind, len(files), seed=5, **kw)
+        for i in range(len(files)):
+            a, b = files[i], fly[i]
+            assert a.keys() == b.keys()
+            for k in a:
+                assert torch.equal(a[k], b[k]), (kind, i, k)
+    sft = S.SyntheticVLMDataset("sft", 50, seed=5, **kw)
+    x = sft[3]
+    assert x["pixel_values"].shape == (1, 3, 96, 96) and (x["labels"] != -100).any()
+    qtypes = {sft.example(i)[1]["qtype"] for i in range(50)}
+    assert len(qtypes) >= 5
+    assert torch.equal(sft[7]["input_ids"], sft[7]["input_ids"])
