@@ -117,8 +117,8 @@ def load_vlm(weights, vision=None, **config_overrides) -> MiniMindVLM:
     """Build a MiniMindVLM from a checkpoint (2025-04 or 2025-02 layout, fp16/fp32) and a CLIP tower.
 
     weights: path to the `.pth`/`.safetensors` file. vision: a Hugging Face CLIP folder, a
-    CLIPVisionModel, or None (then a `vision/` folder beside the weights is used if present, else the
-    tower stays randomly initialised, with a warning). config_overrides: LMConfig fields
+    CLIPVisionModel, or None (then the tower saved with the checkpoint, as recorded in its JSON, else a
+    randomly initialised tower, with a warning). config_overrides: LMConfig fields
     (e.g. num_attention_heads=8) that cannot be read off the tensor shapes.
     """
     weights = os.fspath(weights)
@@ -135,8 +135,9 @@ def load_vlm(weights, vision=None, **config_overrides) -> MiniMindVLM:
         vision_model = vision
     elif vision is not None:
         vision_model = CLIPVisionModel.from_pretrained(vision)
-    elif os.path.isdir(os.path.join(os.path.dirname(weights), "vision")):
-        vision_model = CLIPVisionModel.from_pretrained(os.path.join(os.path.dirname(weights), "vision"))
+    elif saved and "vision_folder" in saved:  # a tower trained together with this checkpoint
+        vision_model = CLIPVisionModel.from_pretrained(
+            os.path.join(os.path.dirname(os.path.abspath(weights)), saved["vision_folder"]))
     else:
         vision_cfg = VisionConfig(**saved["vlm"]["vision"]) if saved else VisionConfig()
         warnings.warn(f"{weights}: no CLIP vision tower given (vision=...): it is randomly initialised, "
@@ -175,12 +176,15 @@ def load_lm_weights(model, path):
     model.load_state_dict(sd, strict=False)
 
 
-def save_vlm(model: MiniMindVLM, path, dtype=torch.float16):
-    """Write the checkpoint (MiniMind-V 2025-04 layout, no CLIP keys) and `<name>.json` beside it."""
+def save_vlm(model: MiniMindVLM, path, dtype=torch.float16, vision_folder=None):
+    """Write the checkpoint (MiniMind-V 2025-04 layout, no CLIP keys) and `<name>.json` beside it.
+    vision_folder: where a trained vision tower was saved (recorded so load_vlm finds it)."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     sd = {k: v.detach().to("cpu", dtype) for k, v in model.lm_state_dict().items()}
     atomic_torch_save(sd, path)
     meta = {"format": "minivlm-checkpoint-1", "vlm": model.vlm_config.to_dict(),
             "placeholder_id": model.placeholder_id}
+    if vision_folder is not None:
+        meta["vision_folder"] = os.path.relpath(vision_folder, os.path.dirname(os.path.abspath(path)))
     atomic_write(config_path_for(path), [json.dumps(meta, indent=2).encode()])

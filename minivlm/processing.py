@@ -51,8 +51,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         if image.mode == "F" and a.max() <= 1.0:
             top = 1.0
         image = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
-        image.mode == "P" and "transparency" in image.info)
+    # An alpha band, or a colour key ("transparency" in P, L and RGB PNGs), means see-through pixels.
+    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
     if has_alpha:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

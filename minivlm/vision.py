@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import VisionConfig
-from .weights import WeightsError, check_state_dict, load_state_dict
+from .weights import WeightsError, atomic_write, check_state_dict, load_state_dict, write_safetensors
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -164,6 +164,14 @@ class CLIPVisionModel(nn.Module):
         x, _ = vm.encoder(x, stop_after=index)  # hidden_states[index]
         return x[:, 1:] if feature == "patch" else x
 
+    def feature_modules(self) -> list[nn.Module]:
+        """The modules select_features actually runs (no post_layernorm, no layers after the selected
+        one): the ones worth training, and the only ones that receive gradients."""
+        vm, n = self.vision_model, len(self.vision_model.encoder.layers)
+        layer = self.config.select_layer
+        index = layer if layer >= 0 else n + 1 + layer
+        return [vm.embeddings, vm.pre_layrnorm, *vm.encoder.layers[:index]]
+
     # ----------------------------------------------------------------------------------------
     # Loading a Hugging Face CLIP folder (full CLIPModel or vision-only CLIPVisionModel)
 
@@ -176,6 +184,17 @@ class CLIPVisionModel(nn.Module):
         ours = {k: v for k, v in sd.items() if k.startswith("vision_model.")}
         model.load_checked(ours, f"{folder}")
         return model
+
+    def save_pretrained(self, folder):
+        """Write a Hugging Face-style vision-only folder (config.json + model.safetensors) that
+        `from_pretrained` (ours or the reference implementation's) reads back."""
+        os.makedirs(folder, exist_ok=True)
+        c = self.config
+        fields = {k: getattr(c, k) for k in _HF_VISION_DEFAULTS}
+        cfg = {"model_type": "clip_vision_model", "architectures": ["CLIPVisionModel"], **fields,
+               "minivlm": {"select_layer": c.select_layer, "select_feature": c.select_feature}}
+        atomic_write(os.path.join(folder, "config.json"), [json.dumps(cfg, indent=2).encode()])
+        write_safetensors(dict(self.state_dict()), os.path.join(folder, "model.safetensors"), {"format": "pt"})
 
     def load_checked(self, state_dict: dict, source: str):
         """load_state_dict that names every missing / unexpected / mis-shaped key instead of ignoring it."""
@@ -200,13 +219,12 @@ def read_clip_config(folder, tower: str = "vision", **overrides):
             raw = json.load(f)
         except json.JSONDecodeError as e:
             raise WeightsError(f"{path}: invalid JSON ({e})") from None
-    sub = raw.get(f"{tower}_config", raw)  # full CLIPModel nests it; a vision-only folder does not
-    if sub is None:
-        sub = {}
     if tower != "vision":
         raise ValueError(f"unknown CLIP tower {tower!r}")
+    sub = raw.get(f"{tower}_config") or raw  # full CLIPModel nests it; a vision-only folder does not
     fields = {k: sub.get(k, v) for k, v in _HF_VISION_DEFAULTS.items()}
     fields["projection_dim"] = raw.get("projection_dim", fields["projection_dim"])
+    fields.update(sub.get("minivlm", {}))  # feature selection saved by minivlm's save_pretrained
     fields.update(overrides)
     return VisionConfig(**fields)
 

@@ -1,0 +1,20 @@
+"""Shared fixtures: a small synthetic shapes dataset written to disk and a tokenizer trained on it."""
+import pytest
+
+from minivlm.synthetic import write_dataset
+from minivlm.tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shapes")
+    write_dataset(d, n_train=48, n_test=16, seed=0)
+    return d
+
+
+@pytest.fixture(scope="session")
+def shapes_tokenizer_path(shapes_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer([shapes_dir / "pretrain.jsonl", shapes_dir / "sft.jsonl", shapes_dir / "sft_multi.jsonl"],
+                    vocab_size=600, out_dir=out)
+    return out / "tokenizer.json"

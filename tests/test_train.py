@@ -1,0 +1,164 @@
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from minivlm.checkpoint import load_vlm
+from minivlm.config import vlm_preset
+from minivlm.train import CSV_FIELDS, EpochSampler, main, set_trainable, trainable_counts
+from minivlm.vlm import MiniMindVLM
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def base_args(shapes_dir, tok, out, data="pretrain.jsonl", *extra):
+    return ["--preset", "tiny", "--data", str(shapes_dir / data), "--tokenizer", str(tok), "--out", str(out),
+            "--batch-size", "4", "--num-workers", "0", "--log-every", "1", "--warmup-steps", "0",
+            "--max-length", "128", *extra]
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_few_steps_lower_the_loss_and_log_csv(shapes_dir, shapes_tokenizer_path, tmp_path):
+    out = tmp_path / "run"
+    args = base_args(shapes_dir, shapes_tokenizer_path, out, "pretrain.jsonl", "--max-steps", "12", "--lr", "3e-3",
+                     "--epochs", "2")
+    assert main("pretrain", args) == 0
+    rows = read_csv(out / "log_pretrain.csv")
+    assert list(rows[0].keys()) == CSV_FIELDS
+    assert len(rows) == 12
+    first, last = float(rows[0]["loss"]), sum(float(r["loss"]) for r in rows[-3:]) / 3
+    assert last < first - 0.5, (first, last)
+    # a checkpoint in MiniMind-V layout + its JSON + the trained vision tower, loadable by load_vlm
+    ckpt = out / "pretrain_vlm_128.pth"
+    sd = torch.load(ckpt, weights_only=True)
+    assert "vision_proj.vision_proj.0.weight" in sd and not any(k.startswith("vision_encoder") for k in sd)
+    assert all(v.dtype == torch.float16 for v in sd.values())
+    meta = json.loads((out / "pretrain_vlm_128.json").read_text())
+    assert meta["vision_folder"] == "pretrain_vision"
+    model = load_vlm(ckpt)
+    state = torch.load(out / "resume_pretrain.pt", weights_only=False)["model"]
+    torch.testing.assert_close(model.vision_encoder.state_dict()["vision_model.post_layernorm.weight"],
+                               state["vision_encoder.vision_model.post_layernorm.weight"])
+
+    # SFT starts from that checkpoint by default and trains on the instruction file
+    assert main("sft", base_args(shapes_dir, shapes_tokenizer_path, out, "sft.jsonl", "--max-steps", "3")) == 0
+    assert len(read_csv(out / "log_sft.csv")) == 3
+
+
+def test_freeze_policies_train_exactly_the_intended_parameters():
+    cfg = vlm_preset("tiny")
+    m = MiniMindVLM(cfg)
+    layer = sum(p.numel() for p in m.model.layers[0].parameters())
+    proj = sum(p.numel() for p in m.vision_proj.parameters())
+    lm = sum(p.numel() for p in m.model.parameters())
+    post_ln = sum(p.numel() for p in m.vision_encoder.vision_model.post_layernorm.parameters())
+    vision = sum(p.numel() for p in m.vision_encoder.parameters()) - post_ln  # unused by the VLM
+    set_trainable(m, "pretrain", 0, False)
+    assert trainable_counts(m) == {"vision": 0, "projector": proj, "lm": 0}
+    set_trainable(m, "pretrain", 2, False)
+    assert trainable_counts(m) == {"vision": 0, "projector": proj, "lm": 2 * layer}
+    assert not m.model.layers[0].self_attn.q_proj.weight.requires_grad
+    assert m.model.layers[-1].self_attn.q_proj.weight.requires_grad
+    set_trainable(m, "sft", 0, False)
+    assert trainable_counts(m) == {"vision": 0, "projector": proj, "lm": lm}
+    set_trainable(m, "sft", 0, True)
+    assert trainable_counts(m) == {"vision": vision, "projector": proj, "lm": lm}
+
+
+def test_resume_is_bit_identical(shapes_dir, shapes_tokenizer_path, tmp_path):
+    common = ["--max-steps", "6", "--save-every", "3", "--epochs", "3", "--lr", "2e-3"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    # 48 samples / batch 4 = 12 steps per epoch; --grad-accum 2 makes it 6, so the run crosses no epoch
+    # boundary here but does restart mid-epoch.
+    assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, a, "pretrain.jsonl", *common,
+                                      "--grad-accum", "2")) == 0
+    assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, b, "pretrain.jsonl", *common,
+                                      "--grad-accum", "2", "--stop-after", "3")) == 0
+    assert torch.load(b / "resume_pretrain.pt", weights_only=False)["step"] == 3
+    assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, b, "pretrain.jsonl", *common,
+                                      "--grad-accum", "2", "--resume")) == 0
+    sa = torch.load(a / "resume_pretrain.pt", weights_only=False)
+    sb = torch.load(b / "resume_pretrain.pt", weights_only=False)
+    assert sa["step"] == sb["step"] == 6
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+    # the log of the resumed run continues the same CSV
+    assert [int(r["step"]) for r in read_csv(b / "log_pretrain.csv")] == list(range(1, 7))
+
+
+def test_resume_across_an_epoch_boundary_is_bit_identical(shapes_dir, shapes_tokenizer_path, tmp_path):
+    common = ["--max-steps", "16", "--save-every", "5", "--epochs", "2", "--lr", "2e-3", "--batch-size", "6"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, a, "pretrain.jsonl", *common)) == 0
+    assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, b, "pretrain.jsonl", *common,
+                                      "--stop-after", "10")) == 0
+    assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, b, "pretrain.jsonl", *common,
+                                      "--resume")) == 0
+    sa = torch.load(a / "resume_pretrain.pt", weights_only=False)["model"]
+    sb = torch.load(b / "resume_pretrain.pt", weights_only=False)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_sampler_shuffles_per_epoch_and_shards_ranks():
+    s0, s1 = EpochSampler(10, seed=3, rank=0, world=2), EpochSampler(10, seed=3, rank=1, world=2)
+    a, b = list(s0), list(s1)
+    assert len(a) == len(b) == 5 and not set(a) & set(b) and set(a) | set(b) == set(range(10))
+    s0.set_epoch(1)
+    assert list(s0) != a
+    s0.set_epoch(1, start=2)
+    assert list(s0) == EpochSampler(10, 3, 0, 2).indices()[0:0] + _epoch(1)[2:]
+
+
+def _epoch(e):
+    s = EpochSampler(10, seed=3, rank=0, world=2)
+    s.set_epoch(e)
+    return list(s)
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_missing_image_stops_or_is_skipped(shapes_dir, shapes_tokenizer_path, tmp_path, capsys, workers):
+    lines = (shapes_dir / "pretrain.jsonl").read_text().splitlines()
+    bad = json.loads(lines[1])
+    bad["image"] = "images/does_not_exist.png"
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join([lines[0], json.dumps(bad)] + lines[2:12]) + "\n")
+    args = base_args(shapes_dir, shapes_tokenizer_path, tmp_path / "o", "x", "--epochs", "1",
+                     "--images", str(shapes_dir))
+    args[args.index("--data") + 1] = str(data)
+    args[args.index("--num-workers") + 1] = workers
+    assert main("pretrain", args) == 2
+    err = capsys.readouterr().out.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "bad.jsonl:2: missing image" in err
+    assert main("pretrain", args + ["--skip-bad"]) == 0
+
+
+def test_non_finite_loss_stops_without_overwriting(shapes_dir, shapes_tokenizer_path, tmp_path, capsys):
+    out = tmp_path / "nan"
+    args = base_args(shapes_dir, shapes_tokenizer_path, out, "pretrain.jsonl", "--max-steps", "2")
+    assert main("pretrain", args) == 0
+    before = (out / "pretrain_vlm_128.pth").read_bytes()
+    assert main("pretrain", args + ["--lr", "1e30", "--max-steps", "4", "--grad-clip", "0"]) == 1
+    assert "non-finite" in capsys.readouterr().out
+    assert (out / "pretrain_vlm_128.pth").read_bytes() == before
+
+
+def test_torchrun_two_processes_on_cpu(shapes_dir, shapes_tokenizer_path, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           os.path.join(ROOT, "train_pretrain.py"),
+           *base_args(shapes_dir, shapes_tokenizer_path, out, "pretrain.jsonl", "--max-steps", "3")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "2 process(es)" in r.stdout
+    assert r.stdout.count("saved ") == 1  # only rank 0 saves and logs
+    assert len(read_csv(out / "log_pretrain.csv")) == 3

@@ -1,0 +1,7 @@
+"""Stage 1 — pretrain the projector on image captions (CLIP frozen). `python train_pretrain.py --help`."""
+import sys
+
+from minivlm.train import main
+
+if __name__ == "__main__":
+    sys.exit(main("pretrain"))
