@@ -118,8 +118,11 @@ def _decode_steps(model, input_ids, pixel_values, image_counts, attention_mask, 
     B, T = input_ids.shape
     limit = cfg.max_new_tokens
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if max_pos is not None:
-        limit = min(limit, max_pos - T)  # stop where the model's RoPE table ends, instead of raising
+    if max_pos is not None and T <= max_pos:
+        # Stop where the model's RoPE table ends instead of raising mid-answer. The last token is
+        # never fed back, so it needs no position: T + n - 1 <= max_pos. (A prompt that is already
+        # too long is left to the prefill, which raises.)
+        limit = min(limit, max_pos - T + 1)
     if limit <= 0:
         return
     device = input_ids.device

@@ -43,7 +43,7 @@ def load_image(path) -> Image.Image:
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB. Transparent pixels are composited on white (as CLIP's reference
     preprocessing does), 16-bit and float greyscale are scaled to 8 bits instead of clipped."""
-    if image.mode == "RGB":
+    if image.mode == "RGB" and image.info.get("transparency") is None:
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(image, dtype=np.float64)

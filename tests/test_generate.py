@@ -159,7 +159,6 @@ def test_batched_left_padded_equals_one_by_one(tok, vlm):
     singles = [generate(vlm, ids, pixels, cfg=cfg, eos_id=stop, pad_id=tok.pad_id)[0].tolist()
                for ids, pixels in inputs]
     assert len(singles[0]) < cfg.max_new_tokens and singles[0][-1] == stop
-    print("SINGLES", stop, singles)
 
     # The same rows as one left-padded batch with 0, 1 and 2 images per row.
     prompts = [ids[0].tolist() for ids, _ in inputs]
@@ -216,8 +215,11 @@ def test_max_new_tokens_and_context_limit():
     ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
     assert generate(lm, ids, cfg=SamplingConfig(max_new_tokens=3), eos_id=None).shape == (1, 3)
     assert generate(lm, ids, cfg=SamplingConfig(max_new_tokens=0), eos_id=None).shape == (1, 0)
-    # Asking for more than the RoPE table holds stops at the table's end instead of raising.
-    assert generate(lm, ids, cfg=SamplingConfig(max_new_tokens=100), eos_id=None).shape == (1, 6)
+    # Asking for more than the RoPE table holds stops at its end instead of raising: 10 prompt
+    # tokens + 6 fed-back tokens fill the 16 positions, and the 7th new token is never fed.
+    assert generate(lm, ids, cfg=SamplingConfig(max_new_tokens=100), eos_id=None).shape == (1, 7)
+    with pytest.raises(ValueError, match="max_position_embeddings"):  # a prompt too long already
+        generate(lm, torch.arange(3, 20)[None], cfg=SamplingConfig(max_new_tokens=2), eos_id=None)
 
 
 def test_generate_restores_training_mode_and_builds_no_graph():
