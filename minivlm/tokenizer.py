@@ -51,7 +51,10 @@ class Tokenizer:
     def __init__(self, hf_tokenizer, source="<in memory>"):
         self._tok = hf_tokenizer
         self.source = source  # named in error messages
-        ids = {t: hf_tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+        # They must be *added* special tokens: a plain vocabulary entry with the same text would not be
+        # matched as one piece when a rendered chat is encoded.
+        added = {t.content: i for i, t in hf_tokenizer.get_added_tokens_decoder().items() if t.special}
+        ids = {t: added.get(t) for t in SPECIAL_TOKENS}
         missing = [t for t, i in ids.items() if i is None]
         if missing:
             raise ValueError(f"{source}: tokenizer lacks the special token(s) {', '.join(missing)}")

@@ -375,9 +375,10 @@ def run(stage: str, args) -> int:
         set_rng_state(state["rng"])
         log(f"resumed from {resume_path} at step {step}/{total_steps}")
     if rank == 0:
+        tok_file = os.path.join(args.tokenizer, "tokenizer.json") if os.path.isdir(args.tokenizer) else args.tokenizer
         tok_copy = os.path.join(args.out, "tokenizer.json")
-        if os.path.abspath(args.tokenizer) != os.path.abspath(tok_copy) and not os.path.isdir(args.tokenizer):
-            shutil.copyfile(args.tokenizer, tok_copy)  # the output folder is self-contained
+        if os.path.abspath(tok_file) != os.path.abspath(tok_copy):
+            shutil.copyfile(tok_file, tok_copy)  # the output folder is self-contained
         if not args.resume or not os.path.isfile(csv_path):
             with open(csv_path, "w", newline="") as f:
                 csv.writer(f).writerow(CSV_FIELDS)

@@ -125,6 +125,13 @@ class CLIPVisionTransformer(nn.Module):
                                    c.num_hidden_layers, c.layer_norm_eps, c.hidden_act)
         self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> "CLIPVisionOutput":
+        # Shared by CLIPVisionModel and clip.CLIPModel, which both hold this module as `vision_model`.
+        x = self.pre_layrnorm(self.embeddings(pixel_values))  # (B, 197, D)
+        x, hidden_states = self.encoder(x, output_hidden_states=output_hidden_states)
+        pooled = self.post_layernorm(x[:, 0])  # (B, D)
+        return CLIPVisionOutput(last_hidden_state=x, pooler_output=pooled, hidden_states=hidden_states)
+
 
 @dataclass
 class CLIPVisionOutput:
@@ -142,11 +149,7 @@ class CLIPVisionModel(nn.Module):
         self.vision_model = CLIPVisionTransformer(self.config)
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> CLIPVisionOutput:
-        vm = self.vision_model
-        x = vm.pre_layrnorm(vm.embeddings(pixel_values))  # (B, 197, D)
-        x, hidden_states = vm.encoder(x, output_hidden_states=output_hidden_states)
-        pooled = vm.post_layernorm(x[:, 0])  # (B, D)
-        return CLIPVisionOutput(last_hidden_state=x, pooler_output=pooled, hidden_states=hidden_states)
+        return self.vision_model(pixel_values, output_hidden_states)
 
     def select_features(self, pixel_values: torch.Tensor, layer: int | None = None,
                         feature: str | None = None) -> torch.Tensor:

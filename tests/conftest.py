@@ -18,3 +18,14 @@ def shapes_tokenizer_path(shapes_dir, tmp_path_factory):
     train_tokenizer([shapes_dir / "pretrain.jsonl", shapes_dir / "sft.jsonl", shapes_dir / "sft_multi.jsonl"],
                     vocab_size=600, out_dir=out)
     return out / "tokenizer.json"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(shapes_dir, shapes_tokenizer_path, tmp_path_factory):
+    """A tiny VLM trained for a few steps: a real checkpoint folder (weights, JSON, vision, tokenizer)."""
+    from minivlm.train import main
+    out = tmp_path_factory.mktemp("run")
+    args = ["--preset", "tiny", "--data", str(shapes_dir / "pretrain.jsonl"), "--tokenizer", str(shapes_tokenizer_path),
+            "--out", str(out), "--batch-size", "4", "--num-workers", "0", "--max-steps", "2", "--log-every", "1"]
+    assert main("pretrain", args) == 0
+    return out

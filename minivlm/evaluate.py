@@ -1,0 +1,88 @@
+"""Scoring a VLM on held-out questions: generate an answer per question, compare with the reference.
+
+Input is a MiniMind-V jsonl whose last assistant turn is the reference answer; lines may carry
+"qtype" and "n_objects" (the synthetic world writes them) so accuracy can be broken down by question
+type and by how many objects the scene holds. A single average hides a model that answers about a
+random object: it scores 100% on one-object scenes and chance on three.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from .data import _image_names
+from .generate import SamplingConfig, answer_batch
+from .processing import load_image
+from .synthetic import format_report, normalize_answer, score
+
+
+def read_questions(jsonl_path, images_dir=None, limit=None):
+    """Yield dicts {images: [PIL], question, answer, qtype, n_objects, line} from an eval jsonl."""
+    images_dir = images_dir or os.path.dirname(os.path.abspath(jsonl_path))
+    with open(jsonl_path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if limit is not None and limit <= 0:
+                return
+            try:
+                rec = json.loads(line)
+                conv = rec["conversations"]
+                user, ref = conv[-2], conv[-1]
+                assert user["role"] == "user" and ref["role"] == "assistant"
+            except (json.JSONDecodeError, KeyError, IndexError, TypeError, AssertionError):
+                raise ValueError(f"{jsonl_path}:{line_no}: not an eval line (needs conversations ending "
+                                 f"with a user question and the reference answer)") from None
+            names = _image_names(rec.get("image"))
+            images = [load_image(os.path.join(images_dir, n)) for n in names]
+            question = user["content"].replace("<image>", "").strip()
+            yield {"images": images, "question": question, "answer": ref["content"], "line": line_no,
+                   "qtype": rec.get("qtype", "all"), "n_objects": rec.get("n_objects", 0)}
+            if limit is not None:
+                limit -= 1
+
+
+def evaluate(model, tokenizer, jsonl_path, images_dir=None, batch_size=32, limit=None, max_new_tokens=64,
+             progress=True):
+    """Greedy answers for every question; returns (records, scores) with scores from synthetic.score."""
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+    items = list(read_questions(jsonl_path, images_dir, limit))
+    records, t0 = [], time.time()
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        preds = answer_batch(model, tokenizer, [(it["images"], it["question"]) for it in chunk], cfg)
+        for it, pred in zip(chunk, preds):
+            records.append({"qtype": it["qtype"], "n_objects": it["n_objects"], "question": it["question"],
+                            "answer": it["answer"], "prediction": pred, "line": it["line"]})
+        if progress:
+            done = len(records)
+            rate = done / max(1e-9, time.time() - t0)
+            print(f"\r  scored {done}/{len(items)} ({rate:.1f}/s, ETA {(len(items) - done) / max(rate, 1e-9):.0f}s)",
+                  end="", flush=True)
+    if progress:
+        print()
+    return records, score(records)
+
+
+def worst_mistakes(records, n=10):
+    """The wrong answers, those furthest from the reference first (by word overlap)."""
+    wrong = [r for r in records if normalize_answer(r["prediction"]) != normalize_answer(r["answer"])]
+
+    def overlap(r):
+        a, b = set(normalize_answer(r["prediction"]).split()), set(normalize_answer(r["answer"]).split())
+        return len(a & b) / max(1, len(a | b))
+
+    return sorted(wrong, key=overlap)[:n]
+
+
+def report(records, scores, n_mistakes=8) -> str:
+    lines = [format_report(scores)]
+    mistakes = worst_mistakes(records, n_mistakes)
+    if mistakes:
+        lines.append(f"\nworst mistakes ({len(mistakes)} shown):")
+        for r in mistakes:
+            lines.append(f"  line {r['line']} [{r['qtype']}] {r['question']!r}: got {r['prediction']!r}, "
+                         f"expected {r['answer']!r}")
+    return "\n".join(lines)

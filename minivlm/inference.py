@@ -1,0 +1,185 @@
+"""What `eval_vlm.py` does: load a model, then describe images, chat, or score a question file.
+
+Every user mistake (a missing file, an empty folder, a corrupt image, weights that do not fit, a
+tokenizer without ChatML's special tokens) ends in one line naming the culprit and exit code 2.
+One broken image among many is reported and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+import torch
+
+from .checkpoint import load_vlm
+from .evaluate import evaluate, report
+from .generate import SamplingConfig, chat_prompt, stream
+from .processing import ImageLoadError, load_image, preprocess_image
+from .tokenizer import IMAGE_MARKER, Tokenizer
+from .weights import WeightsError
+
+DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
+DEMO_WEIGHTS = os.path.join(DEMO_DIR, "model", "sft_vlm_128.pth")
+SAMPLES_DIR = os.path.join(DEMO_DIR, "samples")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class UserError(Exception):
+    """A problem with what the user asked for; printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eval_vlm.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Ask a vision-language model about images (offline).")
+    a = p.add_argument
+    a("--weights", default=DEMO_WEIGHTS, help="minivlm checkpoint or MiniMind-V .pth (2025-04 or 2025-02 "
+                                              "layout, detected); default: the shipped demo model")
+    a("--vision", default=None, help="Hugging Face CLIP folder (default: the tower saved with the checkpoint)")
+    a("--tokenizer", default=None, help="tokenizer.json or folder (default: tokenizer.json beside --weights)")
+    a("--images", nargs="+", default=[SAMPLES_DIR], help="image files and/or folders (default: the samples)")
+    a("--prompt", default="Describe the image.", help="the question asked about each image")
+    a("--multi", action="store_true", help="put all images into one prompt instead of one prompt each")
+    a("--chat", action="store_true", help="interactive multi-turn conversation about the (first) image")
+    a("--eval", metavar="JSONL", default=None, help="score a held-out question file (MiniMind-V jsonl with "
+                                                    "reference answers; qtype/n_objects fields for breakdowns)")
+    a("--limit", type=int, default=None, help="with --eval: only the first N questions")
+    a("--batch-size", type=int, default=32, help="with --eval: questions answered per batch")
+    a("--max-new-tokens", type=int, default=128, help="answer length limit in tokens")
+    a("--temperature", type=float, default=0.0, help="0 = greedy; higher = more random")
+    a("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1 = off)")
+    a("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    a("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
+    a("--seed", type=int, default=0, help="seed for sampling")
+    a("--device", default=None, help="cpu, cuda, … (default: cuda if available)")
+    a("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype for inference")
+    a("--num-heads", type=int, default=None,
+      help="decoder attention heads, for checkpoints without a minivlm JSON (MiniMind: 8)")
+    return p
+
+
+def collect_images(paths) -> list[str]:
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTS))
+            if not found:
+                raise UserError(f"{path}: folder holds no images ({', '.join(IMAGE_EXTS)})")
+            files += found
+        elif os.path.exists(path):
+            files.append(path)
+        else:
+            raise UserError(f"{path}: no such file or folder")
+    return files
+
+
+def load_model(args):
+    if not os.path.isfile(args.weights):
+        raise UserError(f"{args.weights}: weights file not found")
+    tok_path = args.tokenizer or os.path.join(os.path.dirname(os.path.abspath(args.weights)), "tokenizer.json")
+    if not os.path.exists(tok_path):
+        raise UserError(f"{tok_path}: tokenizer not found (pass --tokenizer)")
+    try:
+        tokenizer = Tokenizer.from_file(tok_path)
+    except (ValueError, OSError) as e:
+        raise UserError(str(e)) from None
+    overrides = {"num_attention_heads": args.num_heads} if args.num_heads else {}
+    model = load_vlm(args.weights, vision=args.vision, **overrides)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(f"{tok_path}: tokenizer has {tokenizer.vocab_size} tokens, the model only "
+                        f"{model.config.vocab_size}: they do not belong together")
+    if tokenizer.placeholder_id != model.placeholder_id:
+        raise UserError(f"{tok_path}: '@' is id {tokenizer.placeholder_id} here but {model.placeholder_id} "
+                        f"in the checkpoint: they do not belong together")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    return model.to(device=device, dtype=dtype).eval(), tokenizer, device
+
+
+def ask(model, tokenizer, device, images, messages, cfg, out=sys.stdout) -> str:
+    """Stream the answer to `messages` (which hold one <image> per image) and return it."""
+    size = model.vlm_config.vision.image_size
+    pixel_values = image_counts = None
+    if images:
+        pixel_values = torch.stack([preprocess_image(im, size) for im in images])[None].to(device)
+        pixel_values = pixel_values.to(next(model.parameters()).dtype)
+        image_counts = torch.tensor([len(images)], device=device)
+    ids = torch.tensor([chat_prompt(tokenizer, messages, model.run_length)], device=device)
+    pieces = []
+    for piece in stream(model, tokenizer, ids, pixel_values, image_counts, cfg=cfg):
+        out.write(piece)
+        out.flush()
+        pieces.append(piece)
+    out.write("\n")
+    return "".join(pieces)
+
+
+def run(args) -> int:
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                         top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    model, tokenizer, device = load_model(args)
+    print(f"model: {args.weights} ({sum(p.numel() for n, p in model.named_parameters() if not n.startswith('vision_encoder.')) / 1e6:.2f}M "
+          f"decoder+projector parameters, {model.run_length} image tokens per image, {device})")
+
+    if args.eval:
+        if not os.path.isfile(args.eval):
+            raise UserError(f"{args.eval}: eval file not found")
+        records, scores = evaluate(model, tokenizer, args.eval, batch_size=args.batch_size, limit=args.limit,
+                                   max_new_tokens=min(args.max_new_tokens, 64))
+        print(report(records, scores))
+        return 0
+
+    files = collect_images(args.images)
+    if len(files) == 1:
+        loaded = [(files[0], load_image(files[0]))]  # the only image: its error is the error
+    else:
+        loaded = []
+        for f in files:
+            try:
+                loaded.append((f, load_image(f)))
+            except ImageLoadError as e:
+                print(f"skipped: {e}", file=sys.stderr)  # one bad image must not sink the others
+        if not loaded:
+            raise UserError(f"none of the {len(files)} images could be read")
+
+    if args.chat:
+        name, image = loaded[0]
+        print(f"[chat about {name}; an empty line or Ctrl-D ends]")
+        messages, first = [], True
+        while True:
+            try:
+                question = input("you> ").strip()
+            except EOFError:
+                break
+            if not question:
+                break
+            content = f"{IMAGE_MARKER}\n{question}" if first else question
+            messages.append({"role": "user", "content": content})
+            print("vlm> ", end="", flush=True)
+            messages.append({"role": "assistant", "content": ask(model, tokenizer, device, [image], messages, cfg)})
+            first = False
+        return 0
+
+    groups = [loaded] if args.multi else [[item] for item in loaded]
+    for group in groups:
+        print(f"[{', '.join(os.path.basename(f) for f, _ in group)}] {args.prompt}")
+        content = f"{IMAGE_MARKER}\n" * len(group) + args.prompt
+        print("vlm> ", end="", flush=True)
+        ask(model, tokenizer, device, [im for _, im in group], [{"role": "user", "content": content}], cfg)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (UserError, WeightsError, ImageLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+    except ValueError as e:  # e.g. placeholder/image mismatches, malformed eval lines
+        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 2

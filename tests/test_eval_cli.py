@@ -1,0 +1,106 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from minivlm.inference import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture()
+def ckpt(tiny_run):
+    return str(tiny_run / "pretrain_vlm_128.pth")
+
+
+def test_describes_each_image_in_a_folder(capsys, ckpt, shapes_dir):
+    imgs = sorted((shapes_dir / "images").glob("test_00000*.png"))[:3]
+    code, out, err = run_cli(capsys, "--weights", ckpt, "--images", *map(str, imgs), "--max-new-tokens", "5")
+    assert code == 0, err
+    assert out.count("vlm> ") == 3 and out.count("Describe the image.") == 3
+
+
+def test_multi_puts_all_images_in_one_prompt(capsys, ckpt, shapes_dir):
+    imgs = sorted((shapes_dir / "images").glob("test_00000*.png"))[:2]
+    code, out, err = run_cli(capsys, "--weights", ckpt, "--images", *map(str, imgs), "--multi",
+                             "--prompt", "What does the first image have that the second does not?",
+                             "--max-new-tokens", "4")
+    assert code == 0, err
+    assert out.count("vlm> ") == 1 and ", " in out.splitlines()[1]
+
+
+def test_eval_scores_a_question_file(capsys, ckpt, shapes_dir):
+    code, out, err = run_cli(capsys, "--weights", ckpt, "--eval", str(shapes_dir / "test_sft.jsonl"), "--limit", "20")
+    assert code == 0, err
+    assert "overall" in out and "colour" in out and "1 obj" in out
+
+
+def test_chat_reads_turns_from_stdin(ckpt, shapes_dir):
+    img = sorted((shapes_dir / "images").glob("test_*.png"))[0]
+    r = subprocess.run([sys.executable, "eval_vlm.py", "--weights", ckpt, "--images", str(img), "--chat",
+                        "--max-new-tokens", "3"], input="How many shapes are there?\nAnd the colour?\n\n",
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("vlm> ") == 2
+
+
+def test_one_broken_image_is_reported_and_the_rest_still_run(capsys, ckpt, shapes_dir, tmp_path):
+    good = sorted((shapes_dir / "images").glob("test_*.png"))[0]
+    shutil.copy(good, tmp_path / "a_good.png")
+    (tmp_path / "b_broken.png").write_bytes(b"\x89PNG not really")
+    code, out, err = run_cli(capsys, "--weights", ckpt, "--images", str(tmp_path), "--max-new-tokens", "2")
+    assert code == 0
+    assert "b_broken.png" in err and out.count("vlm> ") == 1
+
+
+@pytest.mark.parametrize("case", ["missing_image", "empty_folder", "only_corrupt", "missing_weights",
+                                  "wrong_keys", "bad_tokenizer", "missing_eval"])
+def test_bad_input_is_one_line_and_exit_code_2(capsys, ckpt, tiny_run, tmp_path, case):
+    args = ["--weights", ckpt, "--max-new-tokens", "2"]
+    if case == "missing_image":
+        args += ["--images", str(tmp_path / "nope.jpg")]
+        culprit = "nope.jpg"
+    elif case == "empty_folder":
+        (tmp_path / "empty").mkdir()
+        args += ["--images", str(tmp_path / "empty")]
+        culprit = "empty"
+    elif case == "only_corrupt":
+        (tmp_path / "x.png").write_bytes(b"garbage")
+        args += ["--images", str(tmp_path / "x.png")]
+        culprit = "x.png"
+    elif case == "missing_weights":
+        args[1] = str(tmp_path / "none.pth")
+        culprit = "none.pth"
+    elif case == "wrong_keys":
+        sd = torch.load(ckpt, weights_only=True)
+        sd["model.layers.0.mlp.gate_proj.weight"] = sd["model.layers.0.mlp.gate_proj.weight"][:5]
+        torch.save(sd, tmp_path / "w.pth")
+        shutil.copy(tiny_run / "pretrain_vlm_128.json", tmp_path / "w.json")
+        args[1] = str(tmp_path / "w.pth")
+        args += ["--tokenizer", str(tiny_run / "tokenizer.json"), "--vision", str(tiny_run / "pretrain_vision")]
+        culprit = "model.layers.0.mlp.gate_proj.weight"
+    elif case == "bad_tokenizer":
+        tok = json.loads((tiny_run / "tokenizer.json").read_text())
+        tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] != "<|im_end|>"]
+        (tmp_path / "tokenizer.json").write_text(json.dumps(tok))
+        args += ["--tokenizer", str(tmp_path / "tokenizer.json")]
+        culprit = "<|im_end|>"
+    elif case == "missing_eval":
+        args += ["--eval", str(tmp_path / "q.jsonl")]
+        culprit = "q.jsonl"
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and culprit in lines[0], err
+    assert "Traceback" not in err
