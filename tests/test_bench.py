@@ -1,0 +1,136 @@
+"""The benchmark runs end to end and reports what it documents; its baselines compute the same thing.
+
+No timing is asserted: the numbers depend on the machine and on whatever else runs on it.
+"""
+import json
+import types
+
+import torch
+
+from minivlm import bench
+from minivlm.config import vlm_preset
+from minivlm.vlm import MiniMindVLM
+
+
+def _positive(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+
+
+def test_quick_run_writes_the_documented_json(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main(["all", "--quick", "--device", "cpu", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+
+    assert r["meta"]["device"] == "cpu" and r["meta"]["quick"] is True and r["meta"]["preset"] == "tiny"
+
+    d = r["data"]
+    assert d["images"] > 0 and _positive(d["samples_per_s"]) and _positive(d["samples_per_s_main_process"])
+
+    g = r["generate"]
+    batches = [k for k in g if k.startswith("batch_")]
+    assert batches == ["batch_1", "batch_2"]
+    for k in batches:
+        for field in ("prefill_ms", "decode_tokens_per_s", "e2e_tokens_per_s", "peak_mem_mb"):
+            assert _positive(g[k][field]), (k, field, g[k][field])
+        assert set(g[k]["ms_per_token"]) == {str(n) for n in g["new_tokens"]}
+        assert all(_positive(v) for v in g[k]["ms_per_token"].values())
+    mem = g["inference_memory"]
+    assert _positive(mem["weights_mb"]) and _positive(mem["kv_cache_mb"])
+    assert mem["peak_mb"] is None  # measured on GPU only
+
+    t = r["train"]
+    assert _positive(t["flops_per_step"]["total"])
+    assert t["flops_per_step"]["total"] == sum(v for k, v in t["flops_per_step"].items() if k != "total")
+    for name in ("minivlm", "eager_attention", "baseline"):
+        for field in ("ms_per_step", "samples_per_s", "tokens_per_s", "peak_mem_mb", "tflops"):
+            assert _positive(t[name][field]), (name, field, t[name][field])
+        assert t[name]["mfu"] is None  # no peak FLOP/s is known for a CPU
+    assert _positive(t["splice"]["vectorised_ms"]) and _positive(t["splice"]["loop_ms"])
+    assert t["splice"]["match"] is True
+    assert _positive(t["vision"]["fp32_ms"]) and _positive(t["vision"]["bf16_ms"])
+    assert set(t["ratios"]) == {"sdpa_vs_eager", "vectorised_vs_loop_splice", "vision_bf16_vs_fp32",
+                                "minivlm_vs_baseline"}
+    assert all(_positive(v) for v in t["ratios"].values())
+    assert torch.get_num_threads() >= 1  # main() restored the thread count it changed
+
+
+def _small_vlm():
+    torch.manual_seed(0)
+    cfg = vlm_preset("tiny")
+    cfg.vision.num_hidden_layers = 1
+    return MiniMindVLM(cfg).eval()
+
+
+def _spliced_inputs(model):
+    """Three samples, two image slots each: two images back to back; one image (second slot is
+    padding) in the middle of the text; no image at all."""
+    L, pid = model.run_length, model.placeholder_id
+    T = 2 * L + 10
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 100, (3, T), generator=g)
+    ids[ids == pid] = 3
+    ids[0, 4:4 + 2 * L] = pid
+    ids[1, 7:7 + L] = pid
+    S = model.vlm_config.vision.image_size
+    pixel_values = torch.randn(3, 2, 3, S, S, generator=g)
+    counts = torch.tensor([2, 1, 0])
+    return ids, pixel_values, counts
+
+
+def test_loop_splice_equals_vectorised_splice():
+    model = _small_vlm()
+    ids, pixel_values, counts = _spliced_inputs(model)
+    embeds = model.model.embed_tokens(ids)
+    with torch.no_grad():
+        vectorised = model.splice_images(ids, embeds, pixel_values, counts)
+        with bench.variant(model, splice="loop"):
+            assert isinstance(model.splice_images, types.MethodType)
+            loop = model.splice_images(ids, embeds, pixel_values, counts)
+    assert "splice_images" not in model.__dict__  # the class's method is back
+
+    # The splicing itself must agree bit for bit: with an encoder whose output for an image does not
+    # depend on the other images of the batch, the two versions give identical tensors.
+    model.encode_images = lambda pv: pv.flatten(1)[:, :model.run_length, None].expand(
+        -1, -1, model.config.hidden_size) * 2.0
+    with torch.no_grad():
+        exact_vec = model.splice_images(ids, embeds, pixel_values, counts)
+        with bench.variant(model, splice="loop"):
+            exact_loop = model.splice_images(ids, embeds, pixel_values, counts)
+    del model.encode_images
+    assert torch.equal(exact_vec, exact_loop)
+    assert not torch.equal(exact_vec, embeds)  # something was spliced in
+    # With the real tower, the loop encodes slot by slot, the vectorised version the real images in
+    # one batch: the same numbers up to float rounding of differently sized matmuls.
+    torch.testing.assert_close(loop, vectorised, rtol=1e-5, atol=1e-6)
+    assert torch.equal(vectorised[2], embeds[2])  # the sample without images is untouched
+
+
+def test_variant_switches_attention_and_restores_it():
+    model = _small_vlm()
+    with bench.variant(model, attn="eager", vision_fp32=True):
+        assert {layer.self_attn.attn_impl for layer in model.model.layers} == {"eager"}
+        assert "select_features" in model.vision_encoder.__dict__
+    assert {layer.self_attn.attn_impl for layer in model.model.layers} == {"sdpa"}
+    assert "select_features" not in model.vision_encoder.__dict__
+
+
+def test_flop_counts_use_the_models_own_matmul_weights():
+    for preset in ("tiny", "26m", "104m"):
+        cfg = vlm_preset(preset)
+        with torch.device("meta"):  # shapes only, nothing allocated
+            model = MiniMindVLM(cfg)
+        decoder = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+        assert bench.lm_matmul_params(cfg.lm) == decoder + model.lm_head.weight.numel()
+        assert bench.projector_matmul_params(cfg) == model.vision_proj.vision_proj[0].weight.numel()
+        layers = model.vision_encoder.vision_model.encoder.layers
+        per_layer = sum(m.weight.numel() for m in layers[0].modules() if isinstance(m, torch.nn.Linear))
+        v = cfg.vision
+        patch = model.vision_encoder.vision_model.embeddings.patch_embedding.weight.numel()
+        tokens = v.num_patches + 1  # patches + CLS
+        expected = 2 * patch * v.num_patches + len(layers) * (2 * per_layer * tokens + 4 * tokens ** 2 * v.hidden_size)
+        assert bench.vision_forward_flops(v) == expected
+    # MoE: a token only pays for the experts it is routed to (+ shared ones) and the router.
+    moe, dense = vlm_preset("26m-moe").lm, vlm_preset("26m").lm
+    ffn = 3 * dense.hidden_size * dense.intermediate_size
+    extra = ffn * (moe.num_experts_per_tok + moe.n_shared_experts - 1) + moe.hidden_size * moe.n_routed_experts
+    assert bench.lm_matmul_params(moe) == bench.lm_matmul_params(dense) + moe.num_hidden_layers * extra
