@@ -626,10 +626,11 @@ class SyntheticVLMDataset(torch.utils.data.Dataset):
 
     image_size is the side the model sees (passed to make_sample);
     render_size (default: image_size) is the side the scene is drawn at.
+    qtype_weights (kind="sft") sets the odds of each question type, e.g. {"describe": 0.2}.
     """
 
     def __init__(self, kind, length, seed, tokenizer, run_length, max_length, image_size=96,
-                 split="train", render_size=None):
+                 split="train", render_size=None, qtype_weights=None):
         if kind not in ("pretrain", "sft", "multi"):
             raise ValueError(f"unknown kind {kind!r} (expected pretrain, sft or multi)")
         from minivlm.data import make_sample  # imported here: the shapes world itself needs no tokenizer
@@ -637,6 +638,10 @@ class SyntheticVLMDataset(torch.utils.data.Dataset):
         self.kind, self.length, self.seed, self.split = kind, length, seed, split
         self.tokenizer, self.run_length, self.max_length = tokenizer, run_length, max_length
         self.image_size, self.render_size = image_size, render_size or image_size
+        # kind="sft": relative odds of each question type (default 1 each). Training lowers
+        # "describe": its answers are ~20 tokens against 1-2 for the others, so at equal odds it
+        # would own most of the token-averaged loss and starve the short answers.
+        self.qtype_weights = qtype_weights or {}
 
     def __len__(self):
         return self.length
@@ -647,7 +652,8 @@ class SyntheticVLMDataset(torch.utils.data.Dataset):
             raise IndexError(idx)
         images, samples = make_example(self.kind, self.seed, self.split, idx + 1, self.render_size)
         if len(samples) > 1:  # sft: one of the questions; a fresh stream keeps the choice independent
-            samples = [_rng(self.seed, self.split + "-pick", idx + 1).choice(samples)]
+            weights = [self.qtype_weights.get(s["qtype"], 1.0) for s in samples]
+            samples = _rng(self.seed, self.split + "-pick", idx + 1).choices(samples, weights)
         return images, samples[0]
 
     def __getitem__(self, idx):

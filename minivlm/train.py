@@ -96,6 +96,8 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     a("--max-length", type=int, default=None, help="tokens per sample; longer ones are cut after the last image")
     a("--skip-bad", action="store_true", help="skip (and count) bad samples instead of stopping at the first")
     a("--synthetic-samples", type=int, default=None, help="with --data synthetic: samples per epoch")
+    a("--describe-weight", type=float, default=0.2,
+      help="with --data synthetic (SFT): odds of a 'describe' question relative to each other question type")
     a("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
       help="compute dtype (autocast); auto = bf16 on a GPU that supports it, else fp32")
     a("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
@@ -206,12 +208,15 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
 def build_dataset(stage, args, tokenizer, cfg):
     if args.data == "synthetic":
         from .synthetic import SyntheticVLMDataset
-        make = lambda kind, n: SyntheticVLMDataset(kind, n, args.seed, tokenizer, cfg.run_length,
-                                                   args.max_length, image_size=cfg.vision.image_size)
+        make = lambda kind, n, **kw: SyntheticVLMDataset(kind, n, args.seed, tokenizer, cfg.run_length,
+                                                         args.max_length, image_size=cfg.vision.image_size, **kw)
         n = args.synthetic_samples
         if stage == "pretrain":
             return make("pretrain", n)
-        return ConcatDataset([make("sft", n - n // 8), make("multi", n // 8)])  # 1 in 8: two-image questions
+        # 1 in 8 samples asks about two images. Captions ("describe") are rarer than the other question
+        # types: their long answers would otherwise dominate the token-averaged loss.
+        return ConcatDataset([make("sft", n - n // 8, qtype_weights={"describe": args.describe_weight}),
+                              make("multi", n // 8)])
     return VLMDataset(args.data, tokenizer=tokenizer, images_dir=args.images, max_length=args.max_length,
                       run_length=cfg.run_length, image_size=cfg.vision.image_size, skip_bad=args.skip_bad)
 

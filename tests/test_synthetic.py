@@ -329,3 +329,11 @@ def test_on_the_fly_matches_files(tmp_path):
     qtypes = {sft.example(i)[1]["qtype"] for i in range(50)}
     assert len(qtypes) >= 5
     assert torch.equal(sft[7]["input_ids"], sft[7]["input_ids"])
+
+
+def test_sft_qtype_weights_change_the_mix():
+    from minivlm.synthetic import SyntheticVLMDataset
+    plain = SyntheticVLMDataset("sft", 300, 0, None, 36, 160)
+    rare = SyntheticVLMDataset("sft", 300, 0, None, 36, 160, qtype_weights={"describe": 0.0})
+    assert sum(plain.example(i)[1]["qtype"] == "describe" for i in range(300)) > 20
+    assert sum(rare.example(i)[1]["qtype"] == "describe" for i in range(300)) == 0
