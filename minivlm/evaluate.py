@@ -37,7 +37,7 @@ def read_questions(jsonl_path, images_dir=None, limit=None):
                                  f"with a user question and the reference answer)") from None
             names = _image_names(rec.get("image"))
             images = [load_image(os.path.join(images_dir, n)) for n in names]
-            question = user["content"].replace("<image>", "").strip()
+            question = user["content"]  # asked exactly as written, <image> markers where they stand
             yield {"images": images, "question": question, "answer": ref["content"], "line": line_no,
                    "qtype": rec.get("qtype", "all"), "n_objects": rec.get("n_objects", 0)}
             if limit is not None:

@@ -268,10 +268,14 @@ def chat_prompt(tokenizer, messages: list[dict], run_length: int) -> list[int]:
 
 
 def _user_message(images, question):
-    if IMAGE_MARKER in question:
-        # It would expand into one more placeholder run than there are images.
-        raise ValueError(f"the question contains {IMAGE_MARKER!r}; images are placed by answer() itself")
-    return [{"role": "user", "content": f"{IMAGE_MARKER}\n" * len(images) + question}]
+    """The question with one <image> marker per image: where the question already places its markers
+    (as a question file may: "What colour is the star?\n<image>"), there; otherwise before it."""
+    n = question.count(IMAGE_MARKER)
+    if n == 0:
+        return [{"role": "user", "content": f"{IMAGE_MARKER}\n" * len(images) + question}]
+    if n != len(images):
+        raise ValueError(f"the question has {n} {IMAGE_MARKER} marker(s) but {len(images)} image(s) were given")
+    return [{"role": "user", "content": question}]
 
 
 def _cut_at_eos(ids: list[int], eos_id: int) -> list[int]:

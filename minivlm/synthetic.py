@@ -309,10 +309,15 @@ def diff_answer(first, second):
 # -----------------------------------------------------------------------------
 # 5. Conversations (shared by write_dataset and SyntheticVLMDataset)
 
-def _turns(question, answer, n_images=1):
-    # One <image> per image, in order, as MiniMind-V expects.
-    return [{"role": "user", "content": "<image>\n" * n_images + question},
-            {"role": "assistant", "content": answer}]
+def _turns(question, answer, n_images=1, question_first=False):
+    # One <image> per image, in order, as MiniMind-V expects. question_first puts the question
+    # before the images: in a causal decoder the image tokens can then attend to the question, so
+    # each patch can already "know" whether it is the object asked about. Measured here: with the
+    # images first, a 4-layer 128-wide decoder answered shape questions at chance after 1000 SFT
+    # steps while describing the same scenes perfectly.
+    images = "<image>\n" * n_images
+    content = f"{question}\n{images}".rstrip("\n") if question_first else images + question
+    return [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
 
 
 def conversations_for(kind, scenes, rng):
@@ -331,11 +336,11 @@ def conversations_for(kind, scenes, rng):
                  "qtype": "describe", "n_objects": len(scene.objects)}]
     if kind == "sft":
         (scene,) = scenes
-        return [{"conversations": _turns(q, a), "qtype": t, "n_objects": len(scene.objects)}
+        return [{"conversations": _turns(q, a, question_first=True), "qtype": t, "n_objects": len(scene.objects)}
                 for t, q, a in questions(scene, rng)]
     if kind == "multi":
         first, second = scenes
-        return [{"conversations": _turns(DIFF_QUESTION, diff_answer(first, second), n_images=2),
+        return [{"conversations": _turns(DIFF_QUESTION, diff_answer(first, second), n_images=2, question_first=True),
                  "qtype": "diff", "n_objects": len(first.objects)}]
     raise ValueError(f"unknown kind {kind!r} (expected pretrain, sft or multi)")
 

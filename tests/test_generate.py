@@ -325,6 +325,13 @@ def test_chat_prompt_matches_the_template(tok):
     assert tok.decode(ids, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
 
 
-def test_answer_rejects_an_image_marker_in_the_question(tok, vlm):
-    with pytest.raises(ValueError, match="<image>"):
-        answer(vlm, tok, [image(1)], "what is <image>?", SamplingConfig(max_new_tokens=2), SIZE)
+def test_answer_places_images_at_the_markers_of_the_question(tok, vlm):
+    with pytest.raises(ValueError, match=r"2 <image> marker\(s\) but 1 image"):
+        answer(vlm, tok, [image(1)], "what is <image> and <image>?", SamplingConfig(max_new_tokens=2), SIZE)
+    # markers placed by the question itself are used where they stand
+    cfg = SamplingConfig(max_new_tokens=3)
+    q_first = answer(vlm, tok, [image(1)], "what is this?\n<image>", cfg, SIZE)
+    ids = chat_prompt(tok, [{"role": "user", "content": "what is this?\n<image>"}], vlm.run_length)
+    pv = preprocess_image(image(1), SIZE)[None, None]
+    out = generate(vlm, torch.tensor([ids]), pv, cfg=cfg, eos_id=tok.eos_id, pad_id=tok.pad_id)[0].tolist()
+    assert q_first == tok.decode(out[:out.index(tok.eos_id)] if tok.eos_id in out else out)

@@ -215,7 +215,7 @@ def test_write_dataset_files(tmp_path):
                 assert r["qtype"] in S.QTYPES and r["n_objects"] in (1, 2, 3)
             if "multi" in name:
                 assert len(images) == 2 and r["qtype"] == "diff"
-                assert user["content"] == "<image>\n<image>\n" + S.DIFF_QUESTION
+                assert user["content"] == S.DIFF_QUESTION + "\n<image>\n<image>"
     # train and test images are disjoint files; every sft sample is a single question
     train_imgs = {r["image"] for r in read_jsonl(tmp_path / "sft.jsonl")}
     test_imgs = {r["image"] for r in read_jsonl(tmp_path / "test_sft.jsonl")}
