@@ -18,7 +18,7 @@ from .checkpoint import load_vlm
 from .evaluate import evaluate, report
 from .generate import SamplingConfig, chat_prompt, stream
 from .processing import ImageLoadError, load_image, preprocess_image
-from .tokenizer import IMAGE_MARKER, Tokenizer
+from .tokenizer import Tokenizer, place_images
 from .weights import WeightsError
 
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tokenizer", default=None, help="tokenizer.json or folder (default: tokenizer.json beside --weights)")
     a("--images", nargs="+", default=[SAMPLES_DIR], help="image files and/or folders (default: the samples)")
     a("--prompt", default="Describe the image.", help="the question asked about each image")
+    a("--question-first", action="store_true",
+      help="put the question before the image(s) in the prompt, as the demo model's SFT data does "
+           "(MiniMind-V puts images first)")
     a("--multi", action="store_true", help="put all images into one prompt instead of one prompt each")
     a("--chat", action="store_true", help="interactive multi-turn conversation about the (first) image")
     a("--eval", metavar="JSONL", default=None, help="score a held-out question file (MiniMind-V jsonl with "
@@ -155,7 +158,7 @@ def run(args) -> int:
                 break
             if not question:
                 break
-            content = f"{IMAGE_MARKER}\n{question}" if first else question
+            content = place_images(question, 1, args.question_first) if first else question
             messages.append({"role": "user", "content": content})
             print("vlm> ", end="", flush=True)
             messages.append({"role": "assistant", "content": ask(model, tokenizer, device, [image], messages, cfg)})
@@ -165,7 +168,7 @@ def run(args) -> int:
     groups = [loaded] if args.multi else [[item] for item in loaded]
     for group in groups:
         print(f"[{', '.join(os.path.basename(f) for f, _ in group)}] {args.prompt}")
-        content = f"{IMAGE_MARKER}\n" * len(group) + args.prompt
+        content = place_images(args.prompt, len(group), args.question_first)
         print("vlm> ", end="", flush=True)
         ask(model, tokenizer, device, [im for _, im in group], [{"role": "user", "content": content}], cfg)
     return 0

@@ -34,7 +34,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-VERSION = 1  # bump when rendering or text changes, so old datasets can be told apart
+from minivlm.tokenizer import place_images
+
+VERSION = 2  # bump when rendering or text changes, so old datasets can be told apart
 
 # -----------------------------------------------------------------------------
 # 1. The vocabulary of the world
@@ -310,14 +312,12 @@ def diff_answer(first, second):
 # 5. Conversations (shared by write_dataset and SyntheticVLMDataset)
 
 def _turns(question, answer, n_images=1, question_first=False):
-    # One <image> per image, in order, as MiniMind-V expects. question_first puts the question
-    # before the images: in a causal decoder the image tokens can then attend to the question, so
-    # each patch can already "know" whether it is the object asked about. Measured here: with the
-    # images first, a 4-layer 128-wide decoder answered shape questions at chance after 1000 SFT
-    # steps while describing the same scenes perfectly.
-    images = "<image>\n" * n_images
-    content = f"{question}\n{images}".rstrip("\n") if question_first else images + question
-    return [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+    # question_first puts the question before the images: in a causal decoder the image tokens can
+    # then attend to the question, so each patch can already "know" whether it is the object asked
+    # about. Measured here: with the images first, a 4-layer 128-wide decoder answered shape
+    # questions at chance after 1000 SFT steps while describing the same scenes perfectly.
+    return [{"role": "user", "content": place_images(question, n_images, question_first)},
+            {"role": "assistant", "content": answer}]
 
 
 def conversations_for(kind, scenes, rng):

@@ -144,6 +144,14 @@ def expand_images(text, run_length):
     return sanitize_text(text).replace(IMAGE_MARKER, image_placeholder(run_length))
 
 
+def place_images(question, n_images, question_first=False):
+    """A user message with one `<image>` marker per image: before the question (MiniMind-V's
+    convention), or after it (question_first; the synthetic SFT data does this so that image tokens,
+    coming later in a causal decoder, can attend to the question)."""
+    markers = f"{IMAGE_MARKER}\n" * n_images
+    return f"{question}\n{markers}".rstrip("\n") if question_first else markers + question
+
+
 def chat_pieces(messages, add_generation_prompt=False):
     """The rendered chat as a list of (text, trained) pieces; ''.join(texts) == render_chat(...).
 

@@ -104,3 +104,17 @@ def test_bad_input_is_one_line_and_exit_code_2(capsys, ckpt, tiny_run, tmp_path,
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and culprit in lines[0], err
     assert "Traceback" not in err
+
+
+def test_question_first_puts_the_image_after_the_prompt(capsys, ckpt, shapes_dir):
+    img = sorted((shapes_dir / "images").glob("test_*.png"))[0]
+    code, out, err = run_cli(capsys, "--weights", ckpt, "--images", str(img), "--question-first",
+                             "--prompt", "How many shapes are there?", "--max-new-tokens", "2")
+    assert code == 0, err
+
+
+def test_place_images():
+    from minivlm.tokenizer import place_images
+    assert place_images("Q?", 2) == "<image>\n<image>\nQ?"
+    assert place_images("Q?", 2, question_first=True) == "Q?\n<image>\n<image>"
+    assert place_images("Q?", 0, question_first=True) == "Q?"
