@@ -183,6 +183,8 @@ class CLIPVisionModel(nn.Module):
         config = read_clip_config(folder, "vision", **overrides)
         model = cls(config)
         sd = read_clip_weights(folder)
+        if "embeddings.patch_embedding.weight" in sd:  # newer vision-only saves drop the prefix
+            sd = {f"vision_model.{k}": v for k, v in sd.items()}
         # A full CLIPModel also holds the text tower and projections: those are not ours to load.
         ours = {k: v for k, v in sd.items() if k.startswith("vision_model.")}
         model.load_checked(ours, f"{folder}")

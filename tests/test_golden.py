@@ -120,3 +120,13 @@ def test_safetensors_reader_all_dtypes():
     assert set(got) == set(expected)
     for k, v in expected.items():
         assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v), k
+
+
+def test_vision_only_folder_without_key_prefix_loads(tmp_path, clip_ref):
+    sd = read_safetensors(os.path.join(FIX, "clip_tiny", "model.safetensors"))
+    bare = {k[len("vision_model."):]: v for k, v in sd.items() if k.startswith("vision_model.")}
+    (tmp_path / "config.json").write_text(open(os.path.join(FIX, "clip_tiny_vision_bin", "config.json")).read())
+    write_safetensors(bare, tmp_path / "model.safetensors")
+    with torch.no_grad():
+        out = CLIPVisionModel.from_pretrained(tmp_path)(clip_ref["pixel_values"].float())
+    torch.testing.assert_close(out.pooler_output, clip_ref["pooler_output"], atol=1e-5, rtol=1e-5)
