@@ -119,8 +119,14 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, KV, T_past + T, hd)
-        k, v = repeat_kv(k, self.n_heads // self.n_kv), repeat_kv(v, self.n_heads // self.n_kv)
         p = self.dropout if self.training else 0.0
+        if T == 1 and self.attn_impl == "sdpa" and not output_attentions:
+            # Decoding one token: the n_rep query heads that share a key/value head become n_rep query
+            # rows of that head, so the cache is read in place instead of copied n_rep times per step.
+            q = q.reshape(B, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # a lone query sees all keys
+            return self.o_proj(y.reshape(B, 1, -1)), None
+        k, v = repeat_kv(k, self.n_heads // self.n_kv), repeat_kv(v, self.n_heads // self.n_kv)
         weights = None
         if self.attn_impl == "eager" or output_attentions:
             # softmax(q k^T / sqrt(hd)) v, by hand: slower, but the weights can be returned.
