@@ -113,6 +113,18 @@ def config_path_for(weights) -> str:
     return os.path.splitext(os.fspath(weights))[0] + ".json"
 
 
+def read_meta(weights) -> dict:
+    """The JSON minivlm writes beside a checkpoint ({} for files without one)."""
+    path = config_path_for(weights)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise WeightsError(f"{path}: invalid JSON ({e})") from None
+
+
 def load_vlm(weights, vision=None, **config_overrides) -> MiniMindVLM:
     """Build a MiniMindVLM from a checkpoint (2025-04 or 2025-02 layout, fp16/fp32) and a CLIP tower.
 
@@ -123,10 +135,7 @@ def load_vlm(weights, vision=None, **config_overrides) -> MiniMindVLM:
     """
     weights = os.fspath(weights)
     raw = load_state_dict(weights)
-    saved = None
-    if os.path.isfile(config_path_for(weights)):
-        with open(config_path_for(weights), encoding="utf-8") as f:
-            saved = json.load(f)
+    saved = read_meta(weights) or None
     heads = config_overrides.get("num_attention_heads",
                                  saved["vlm"]["lm"]["num_attention_heads"] if saved else 8)
     sd = to_2025_04(raw, heads)
@@ -176,15 +185,16 @@ def load_lm_weights(model, path):
     model.load_state_dict(sd, strict=False)
 
 
-def save_vlm(model: MiniMindVLM, path, dtype=torch.float16, vision_folder=None):
+def save_vlm(model: MiniMindVLM, path, dtype=torch.float16, vision_folder=None, question_first=False):
     """Write the checkpoint (MiniMind-V 2025-04 layout, no CLIP keys) and `<name>.json` beside it.
-    vision_folder: where a trained vision tower was saved (recorded so load_vlm finds it)."""
+    vision_folder: where a trained vision tower was saved (recorded so load_vlm finds it).
+    question_first: the model was trained with questions before the images (eval_vlm.py's default)."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     sd = {k: v.detach().to("cpu", dtype) for k, v in model.lm_state_dict().items()}
     atomic_torch_save(sd, path)
     meta = {"format": "minivlm-checkpoint-1", "vlm": model.vlm_config.to_dict(),
-            "placeholder_id": model.placeholder_id}
+            "placeholder_id": model.placeholder_id, "question_first": question_first}
     if vision_folder is not None:
         meta["vision_folder"] = os.path.relpath(vision_folder, os.path.dirname(os.path.abspath(path)))
     atomic_write(config_path_for(path), [json.dumps(meta, indent=2).encode()])

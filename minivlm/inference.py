@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from .checkpoint import load_vlm
+from .checkpoint import load_vlm, read_meta
 from .evaluate import evaluate, report
 from .generate import SamplingConfig, chat_prompt, stream
 from .processing import ImageLoadError, load_image, preprocess_image
@@ -41,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tokenizer", default=None, help="tokenizer.json or folder (default: tokenizer.json beside --weights)")
     a("--images", nargs="+", default=[SAMPLES_DIR], help="image files and/or folders (default: the samples)")
     a("--prompt", default="Describe the image.", help="the question asked about each image")
-    a("--question-first", action="store_true",
-      help="put the question before the image(s) in the prompt, as the demo model's SFT data does "
-           "(MiniMind-V puts images first)")
+    a("--question-first", action=argparse.BooleanOptionalAction, default=None,
+      help="put the question before the image(s) in the prompt (default: as the checkpoint was trained — "
+           "its JSON says so; the demo model asks questions first, MiniMind-V puts images first)")
     a("--multi", action="store_true", help="put all images into one prompt instead of one prompt each")
     a("--chat", action="store_true", help="interactive multi-turn conversation about the (first) image")
     a("--eval", metavar="JSONL", default=None, help="score a held-out question file (MiniMind-V jsonl with "
@@ -123,6 +123,8 @@ def run(args) -> int:
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                          top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
     model, tokenizer, device = load_model(args)
+    if args.question_first is None:
+        args.question_first = bool(read_meta(args.weights).get("question_first", False))
     print(f"model: {args.weights} ({sum(p.numel() for n, p in model.named_parameters() if not n.startswith('vision_encoder.')) / 1e6:.2f}M "
           f"decoder+projector parameters, {model.run_length} image tokens per image, {device})")
 

@@ -400,7 +400,8 @@ def run(stage: str, args) -> int:
         if args.train_vision:  # a trained tower must travel with the checkpoint
             vision_dir = os.path.join(args.out, f"{stage}_vision")
             model.vision_encoder.save_pretrained(vision_dir)
-        save_vlm(model, ckpt_path, vision_folder=vision_dir)
+        # The synthetic SFT data asks its questions before the images (see synthetic._turns).
+        save_vlm(model, ckpt_path, vision_folder=vision_dir, question_first=stage == "sft" and args.data == "synthetic")
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                  "step": step, "rng": rng_state(), "args": vars(args)}
         atomic_torch_save(state, resume_path)

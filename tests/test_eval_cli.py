@@ -118,3 +118,16 @@ def test_place_images():
     assert place_images("Q?", 2) == "<image>\n<image>\nQ?"
     assert place_images("Q?", 2, question_first=True) == "Q?\n<image>\n<image>"
     assert place_images("Q?", 0, question_first=True) == "Q?"
+
+
+def test_out_of_the_box_demo_answers_about_the_samples():
+    """`python eval_vlm.py` with no arguments: the shipped demo model on the shipped samples."""
+    r = subprocess.run([sys.executable, "eval_vlm.py"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("vlm> ") == 7
+    # the ground truth of shapes_1.png is in minivlm/demo/samples/LICENSES.md
+    answer = r.stdout.split("[shapes_1.png] Describe the image.\nvlm> ")[1].splitlines()[0]
+    assert answer == "a small white circle on the right"
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(ROOT, "minivlm", "demo", "model"))
+               for f in fs)
+    assert size < 15e6
