@@ -419,14 +419,8 @@ class CLIPTokenizer:
 
 def load_clip_tokenizer(path) -> CLIPTokenizer:
     """`tokenizer.json`, or a folder holding one (a Hub CLIP folder, or one saved by `train`)."""
-    from tokenizers import Tokenizer as _HF
-    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else os.fspath(path)
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"{file}: no such tokenizer file")
-    try:
-        hf = _HF.from_file(file)
-    except Exception as e:  # tokenizers raises a bare Exception on malformed json
-        raise ValueError(f"{file}: not a valid tokenizer.json ({e})") from None
+    from .tokenizer import read_tokenizer_json
+    hf, file = read_tokenizer_json(path)
     return CLIPTokenizer(hf, source=file)
 
 

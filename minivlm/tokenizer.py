@@ -45,6 +45,17 @@ FULLWIDTH_AT = "\uff20"  # '＠', what a literal '@' in message text turns into
 _AT_RUNS = re.compile(r"(@+)")  # capturing group: re.split keeps the runs
 
 
+def read_tokenizer_json(path):
+    """`tokenizer.json`, or a folder holding one -> (tokenizers.Tokenizer, the file's path)."""
+    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else os.fspath(path)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file}: no such tokenizer file")
+    try:
+        return _HFTokenizer.from_file(file), file
+    except Exception as e:  # tokenizers raises a bare Exception on malformed json
+        raise ValueError(f"{file}: not a valid tokenizer.json ({e})") from None
+
+
 class Tokenizer:
     """Byte-level BPE tokenizer with the three ChatML special tokens and a one-token '@'."""
 
@@ -64,13 +75,7 @@ class Tokenizer:
     @classmethod
     def from_file(cls, path):
         """Load `tokenizer.json`, or a folder holding one (like MiniMind's `minimind_tokenizer/`)."""
-        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"{file}: no such tokenizer file")
-        try:
-            hf = _HFTokenizer.from_file(file)
-        except Exception as e:  # tokenizers raises a bare Exception on malformed json
-            raise ValueError(f"{file}: not a valid tokenizer.json ({e})") from None
+        hf, file = read_tokenizer_json(path)
         return cls(hf, source=file)
 
     def save(self, folder):
