@@ -103,6 +103,8 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     a("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--num-workers", type=int, default=None, help="DataLoader worker processes (default: min(4, cpus-1))")
+    a("--threads", type=int, default=None,
+      help="torch CPU threads (default: torch's choice); 1 is much faster on a CPU shared with other jobs")
     a("--seed", type=int, default=0, help="seed of initialisation, shuffling and synthetic data")
     a("--log-every", type=int, default=20, help="log every N optimizer steps")
     a("--save-every", type=int, default=500, help="save a checkpoint every N optimizer steps (and at the end)")
@@ -327,6 +329,8 @@ def run(stage: str, args) -> int:
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext())
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
