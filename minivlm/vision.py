@@ -156,24 +156,27 @@ class CLIPVisionModel(nn.Module):
         """The features a VLM consumes: hidden state `layer` (default config.select_layer), with
         CLS dropped ("patch", (B, 196, D)) or kept ("cls_patch", (B, 197, D)).
         Layers after the selected one are never computed."""
-        layer = self.config.select_layer if layer is None else layer
         feature = feature or self.config.select_feature
-        n = len(self.vision_model.encoder.layers)
-        index = layer if layer >= 0 else n + 1 + layer  # position in the n + 1 hidden states
-        if not 0 <= index <= n:
-            raise ValueError(f"select layer {layer} is out of range for {n} layers")
         vm = self.vision_model
         x = vm.pre_layrnorm(vm.embeddings(pixel_values))
-        x, _ = vm.encoder(x, stop_after=index)  # hidden_states[index]
+        x, _ = vm.encoder(x, stop_after=self._hidden_state_index(layer))  # hidden_states[index]
         return x[:, 1:] if feature == "patch" else x
 
     def feature_modules(self) -> list[nn.Module]:
         """The modules select_features actually runs (no post_layernorm, no layers after the selected
         one): the ones worth training, and the only ones that receive gradients."""
-        vm, n = self.vision_model, len(self.vision_model.encoder.layers)
-        layer = self.config.select_layer
+        vm = self.vision_model
+        return [vm.embeddings, vm.pre_layrnorm, *vm.encoder.layers[:self._hidden_state_index()]]
+
+    def _hidden_state_index(self, layer: int | None = None) -> int:
+        """Layer index (default config.select_layer, negative counts from the end) -> position in the
+        num_layers + 1 hidden states = how many encoder layers must run."""
+        layer = self.config.select_layer if layer is None else layer
+        n = len(self.vision_model.encoder.layers)
         index = layer if layer >= 0 else n + 1 + layer
-        return [vm.embeddings, vm.pre_layrnorm, *vm.encoder.layers[:index]]
+        if not 0 <= index <= n:
+            raise ValueError(f"select layer {layer} is out of range for {n} layers")
+        return index
 
     # ----------------------------------------------------------------------------------------
     # Loading a Hugging Face CLIP folder (full CLIPModel or vision-only CLIPVisionModel)
