@@ -8,6 +8,7 @@ random object: it scores 100% on one-object scenes and chance on three.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -18,15 +19,14 @@ from .processing import load_image
 from .synthetic import format_report, normalize_answer, score
 
 
-def read_questions(jsonl_path, images_dir=None, limit=None):
-    """Yield dicts {images: [PIL], question, answer, qtype, n_objects, line} from an eval jsonl."""
+def read_questions(jsonl_path, images_dir=None):
+    """Yield dicts {images: [PIL], question, answer, qtype, n_objects, line} from an eval jsonl,
+    one line at a time (images are only opened when their question is reached)."""
     images_dir = images_dir or os.path.dirname(os.path.abspath(jsonl_path))
     with open(jsonl_path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            if limit is not None and limit <= 0:
-                return
             try:
                 rec = json.loads(line)
                 conv = rec["conversations"]
@@ -40,18 +40,19 @@ def read_questions(jsonl_path, images_dir=None, limit=None):
             question = user["content"]  # asked exactly as written, <image> markers where they stand
             yield {"images": images, "question": question, "answer": ref["content"], "line": line_no,
                    "qtype": rec.get("qtype", "all"), "n_objects": rec.get("n_objects", 0)}
-            if limit is not None:
-                limit -= 1
 
 
 def evaluate(model, tokenizer, jsonl_path, images_dir=None, batch_size=32, limit=None, max_new_tokens=64,
              progress=True):
-    """Greedy answers for every question; returns (records, scores) with scores from synthetic.score."""
+    """Greedy answers for every question (or the first `limit`); returns (records, scores) with scores
+    from synthetic.score. Questions are read batch by batch, so a large file never sits in memory."""
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
-    items = list(read_questions(jsonl_path, images_dir, limit))
+    with open(jsonl_path, encoding="utf-8") as f:
+        total = sum(1 for line in f if line.strip())
+    total = total if limit is None else min(total, limit)
+    questions = itertools.islice(read_questions(jsonl_path, images_dir), total)
     records, t0 = [], time.time()
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
+    while chunk := list(itertools.islice(questions, batch_size)):
         preds = answer_batch(model, tokenizer, [(it["images"], it["question"]) for it in chunk], cfg)
         for it, pred in zip(chunk, preds):
             records.append({"qtype": it["qtype"], "n_objects": it["n_objects"], "question": it["question"],
@@ -59,7 +60,7 @@ def evaluate(model, tokenizer, jsonl_path, images_dir=None, batch_size=32, limit
         if progress:
             done = len(records)
             rate = done / max(1e-9, time.time() - t0)
-            print(f"\r  scored {done}/{len(items)} ({rate:.1f}/s, ETA {(len(items) - done) / max(rate, 1e-9):.0f}s)",
+            print(f"\r  scored {done}/{total} ({rate:.1f}/s, ETA {(total - done) / max(rate, 1e-9):.0f}s)",
                   end="", flush=True)
     if progress:
         print()
