@@ -282,16 +282,13 @@ def _cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
     return ids[:ids.index(eos_id)] if eos_id in ids else ids
 
 
-def answer_batch(model, tokenizer, items: list[tuple[list, str]], cfg: SamplingConfig | None = None,
-                 image_size: int | None = None) -> list[str]:
-    """[(images, question), ...] -> one answer string per item, generated as one left-padded batch.
-
-    Items may hold different numbers of images (zero included): pixel_values is (B, N_max, 3, S, S),
-    zero-padded, and image_counts says how many of each row's N_max slots are real.
-    """
+def encode_batch(model, tokenizer, items: list[tuple[list, list[dict]]], image_size: int | None = None) -> dict:
+    """[(images, messages), ...] -> the model's inputs on its device, as one left-padded batch:
+    input_ids and attention_mask (B, T); pixel_values (B, N_max, 3, S, S), zero-padded, and image_counts
+    (B,) saying how many of each row's N_max slots are real (both None when no item has an image)."""
     image_size = image_size or model.vlm_config.vision.image_size
     device = _model_device(model)
-    prompts = [chat_prompt(tokenizer, _user_message(images, q), model.run_length) for images, q in items]
+    prompts = [chat_prompt(tokenizer, messages, model.run_length) for _, messages in items]
     input_ids, attention_mask = left_pad(prompts, tokenizer.pad_id)
     counts = [len(images) for images, _ in items]
     pixel_values = image_counts = None
@@ -302,8 +299,17 @@ def answer_batch(model, tokenizer, items: list[tuple[list, str]], cfg: SamplingC
                 pixel_values[b, k] = preprocess_image(im, image_size)
         pixel_values = pixel_values.to(device)
         image_counts = torch.tensor(counts, device=device)
-    out = generate(model, input_ids.to(device), pixel_values, image_counts, attention_mask.to(device), cfg,
-                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+            "pixel_values": pixel_values, "image_counts": image_counts}
+
+
+def answer_batch(model, tokenizer, items: list[tuple[list, str]], cfg: SamplingConfig | None = None,
+                 image_size: int | None = None) -> list[str]:
+    """[(images, question), ...] -> one answer string per item, generated as one left-padded batch.
+    Items may hold different numbers of images (zero included)."""
+    batch = encode_batch(model, tokenizer, [(images, _user_message(images, q)) for images, q in items], image_size)
+    out = generate(model, batch["input_ids"], batch["pixel_values"], batch["image_counts"], batch["attention_mask"],
+                   cfg, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     return [tokenizer.decode(_cut_at_eos(row, tokenizer.eos_id), skip_special_tokens=True)
             for row in out.tolist()]
 

@@ -8,7 +8,6 @@ One broken image among many is reported and the others still run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 
@@ -16,10 +15,9 @@ import torch
 
 from .checkpoint import load_vlm, read_meta
 from .evaluate import evaluate, report
-from .generate import SamplingConfig, chat_prompt, stream
-from .processing import ImageLoadError, load_image, preprocess_image
+from .generate import SamplingConfig, encode_batch, stream
+from .processing import ImageLoadError, load_image
 from .tokenizer import Tokenizer, place_images
-from .weights import WeightsError
 
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
 DEMO_WEIGHTS = os.path.join(DEMO_DIR, "model", "sft_vlm_128.pth")
@@ -103,15 +101,10 @@ def load_model(args):
 
 def ask(model, tokenizer, device, images, messages, cfg, out=sys.stdout) -> str:
     """Stream the answer to `messages` (which hold one <image> per image) and return it."""
-    size = model.vlm_config.vision.image_size
-    pixel_values = image_counts = None
-    if images:
-        pixel_values = torch.stack([preprocess_image(im, size) for im in images])[None].to(device)
-        pixel_values = pixel_values.to(next(model.parameters()).dtype)
-        image_counts = torch.tensor([len(images)], device=device)
-    ids = torch.tensor([chat_prompt(tokenizer, messages, model.run_length)], device=device)
+    batch = encode_batch(model, tokenizer, [(images, messages)])
     pieces = []
-    for piece in stream(model, tokenizer, ids, pixel_values, image_counts, cfg=cfg):
+    for piece in stream(model, tokenizer, batch["input_ids"], batch["pixel_values"], batch["image_counts"],
+                        batch["attention_mask"], cfg=cfg):
         out.write(piece)
         out.flush()
         pieces.append(piece)
@@ -180,9 +173,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (UserError, WeightsError, ImageLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-    except ValueError as e:  # e.g. placeholder/image mismatches, malformed eval lines
+    except (UserError, ValueError) as e:  # WeightsError, ImageLoadError, malformed eval lines, run mismatches
         print(f"error: {e}", file=sys.stderr)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
