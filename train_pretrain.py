@@ -1,4 +1,4 @@
-"""Stage 1 — pretrain the projector on image captions (CLIP frozen). `python train_pretrain.py --help`."""
+"""Stage 1 — pretrain the projector on image captions (CLIP frozen unless --train-vision). `python train_pretrain.py --help`."""
 import sys
 
 from minivlm.train import main

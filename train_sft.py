@@ -1,4 +1,4 @@
-"""Stage 2 — instruction-tune projector + decoder (CLIP frozen). `python train_sft.py --help`."""
+"""Stage 2 — instruction-tune projector + decoder (CLIP frozen unless --train-vision). `python train_sft.py --help`."""
 import sys
 
 from minivlm.train import main

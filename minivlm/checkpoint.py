@@ -23,7 +23,8 @@ import torch
 from .config import LMConfig, VisionConfig, VLMConfig
 from .vision import CLIPVisionModel
 from .vlm import MiniMindVLM
-from .weights import WeightsError, atomic_torch_save, atomic_write, check_state_dict, load_state_dict
+from .common import atomic_write
+from .weights import WeightsError, check_state_dict, load_state_dict, read_json
 
 # Derived buffers some MiniMind versions saved; they are recomputed from the config, never loaded.
 _DERIVED = re.compile(r"(^|\.)(mask|pos_cis|freqs_cos|freqs_sin)$")
@@ -116,13 +117,7 @@ def config_path_for(weights) -> str:
 def read_meta(weights) -> dict:
     """The JSON minivlm writes beside a checkpoint ({} for files without one)."""
     path = config_path_for(weights)
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise WeightsError(f"{path}: invalid JSON ({e})") from None
+    return read_json(path) if os.path.isfile(path) else {}
 
 
 def load_vlm(weights, vision=None, **config_overrides) -> MiniMindVLM:
@@ -158,7 +153,8 @@ def load_vlm(weights, vision=None, **config_overrides) -> MiniMindVLM:
         for k, v in config_overrides.items():
             setattr(cfg.lm, k, v)
         cfg.lm.__post_init__()
-        placeholder_id = saved.get("placeholder_id", 34)
+        if "placeholder_id" in saved:  # written beside the config by every minivlm version
+            cfg.placeholder_id = saved["placeholder_id"]
     else:
         proj_keys = [k for k in sd if k.startswith("vision_proj.")]
         kind = ("mlp2x_gelu" if "vision_proj.vision_proj.2.weight" in sd else
@@ -166,9 +162,8 @@ def load_vlm(weights, vision=None, **config_overrides) -> MiniMindVLM:
         if not proj_keys and kind == "identity" and vision_model.config.hidden_size != sd["model.embed_tokens.weight"].shape[1]:
             raise WeightsError(f"{weights}: no projector weights (vision_proj.*) in the checkpoint")
         cfg = VLMConfig(lm=infer_lm_config(sd, **config_overrides), vision=vision_model.config, projector_type=kind)
-        placeholder_id = 34
     cfg.vision = vision_model.config
-    model = MiniMindVLM(cfg, vision_model=vision_model, placeholder_id=placeholder_id)
+    model = MiniMindVLM(cfg, vision_model=vision_model)
     check_state_dict(model.lm_state_dict(), sd, weights)
     dtype = model.model.embed_tokens.weight.dtype
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False)  # vision keys: loaded above
@@ -192,9 +187,20 @@ def save_vlm(model: MiniMindVLM, path, dtype=torch.float16, vision_folder=None, 
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     sd = {k: v.detach().to("cpu", dtype) for k, v in model.lm_state_dict().items()}
-    atomic_torch_save(sd, path)
+    atomic_write(path, lambda f: torch.save(sd, f))
     meta = {"format": "minivlm-checkpoint-1", "vlm": model.vlm_config.to_dict(),
             "placeholder_id": model.placeholder_id, "question_first": question_first}
     if vision_folder is not None:
         meta["vision_folder"] = os.path.relpath(vision_folder, os.path.dirname(os.path.abspath(path)))
-    atomic_write(config_path_for(path), [json.dumps(meta, indent=2).encode()])
+    atomic_write(config_path_for(path), json.dumps(meta, indent=2).encode())
+
+
+def check_tokenizer(model: MiniMindVLM, tokenizer, source: str):
+    """Refuse a tokenizer that does not belong to the model: ids past the embedding table, or a
+    different id for '@' (every image run would then go unnoticed). `source` names the tokenizer."""
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise WeightsError(f"{source}: tokenizer has {tokenizer.vocab_size} tokens, the model only "
+                           f"{model.config.vocab_size}: they do not belong together")
+    if tokenizer.placeholder_id != model.placeholder_id:
+        raise WeightsError(f"{source}: '@' is id {tokenizer.placeholder_id} here but {model.placeholder_id} "
+                           f"in the checkpoint: they do not belong together")

@@ -98,7 +98,9 @@ class VLMConfig:
     lm: LMConfig = field(default_factory=LMConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector_type: str = "linear"  # "linear" (MiniMind-V) | "mlp2x_gelu" | "identity" (LLaVA)
-    image_token: str = "@"  # one placeholder token per image feature
+    # The token id of '@', the placeholder that stands for one image feature (34 in MiniMind's
+    # vocabulary; a tokenizer trained here may give it another id, which the checkpoint records).
+    placeholder_id: int = 34
 
     def __post_init__(self):
         # Accept nested dicts (as read back from JSON).
@@ -120,6 +122,7 @@ class VLMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VLMConfig":
+        d = {k: v for k, v in d.items() if k != "image_token"}  # a field of early checkpoints, always "@"
         return cls(**d)
 
 

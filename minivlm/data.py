@@ -11,7 +11,7 @@ a folder beside the jsonl. Each sample becomes
     pixel_values  FloatTensor[N_img, 3, S, S], CLIP-preprocessed, in marker order
 
 Only assistant answers and the `<|im_end|>` closing each of them are trained (see
-`tokenizer.chat_pieces`). Bad lines raise `DataError` naming `path:line:`; with `skip_bad=True`
+`prompt.chat_pieces`). Bad lines raise `DataError` naming `path:line:`; with `skip_bad=True`
 the dataset skips them and counts why (`bad_summary()`).
 """
 
@@ -23,18 +23,24 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from minivlm.processing import ImageLoadError, load_image, preprocess_image
-from minivlm.tokenizer import IMAGE_MARKER, chat_pieces, expand_images
-
-IGNORE_INDEX = -100  # what torch's cross_entropy skips
+from .processing import ImageLoadError, load_image, preprocess_image
+from .prompt import IGNORE_INDEX, IMAGE_MARKER, encode_chat
 
 
 class DataError(ValueError):
-    """A sample that cannot be used. `reason` is a short category used for counting."""
+    """A sample that cannot be used. `reason` is a short category used for counting.
 
-    def __init__(self, reason, detail, where=""):
+    Also constructible from one message string: that is how torch re-raises an exception that
+    happened in a DataLoader worker (the message then carries the worker's traceback).
+    """
+
+    def __init__(self, reason, detail=None, where=""):
+        if detail is None:  # DataError(message)
+            reason, detail, message = "bad sample", reason, reason
+        else:
+            message = f"{where}{reason}: {detail}"
         self.reason, self.detail = reason, detail
-        super().__init__(f"{where}{reason}: {detail}")
+        super().__init__(message)
 
 
 class SampleTooLong(DataError):
@@ -63,20 +69,9 @@ def check_conversations(conversations, n_images):
 
 
 def encode_conversation(conversations, tokenizer, run_length, max_length):
-    """Tokenize one conversation -> (input_ids, labels), two equally long lists of ints.
-
-    Each template piece is encoded on its own and the results are concatenated; pieces are cut
-    at special tokens or at the start of an answer, exactly where inference stops the prompt, so
-    this equals `tokenizer.encode(render_chat(...))` for ordinary text (tests check it). (An answer
-    starting with 2+ spaces may differ: then whole-text BPE would glue the header's "\n" to a space,
-    which inference, whose prompt ends at that "\n", never sees.)
-    """
-    messages = [{"role": m["role"], "content": expand_images(m["content"], run_length)} for m in conversations]
-    input_ids, labels = [], []
-    for text, trained in chat_pieces(messages):
-        ids = tokenizer.encode(text)
-        input_ids += ids
-        labels += ids if trained else [IGNORE_INDEX] * len(ids)
+    """Tokenize one conversation -> (input_ids, labels), two equally long lists of ints, by the same
+    road inference takes (`prompt.encode_chat`), then cut to max_length without cutting an image."""
+    input_ids, labels = encode_chat(tokenizer, conversations, run_length)
     if len(input_ids) <= max_length:
         return input_ids, labels
 
@@ -150,6 +145,21 @@ class VLMDataset(Dataset):
         self.offsets = np.array(offsets, dtype=np.int64)
         self.line_numbers = np.array(line_numbers, dtype=np.int64)
         self.bad = {}  # line number -> reason, for the samples skipped so far (in this process)
+        self.question_first = self._question_first()
+
+    def _question_first(self):
+        """Does this data ask its questions before the images? Read off the first sample, so that a
+        checkpoint trained on it records how inference should place the images."""
+        if not len(self):
+            return False
+        with open(self.path, "rb") as f:
+            f.seek(int(self.offsets[0]))
+            try:
+                user = json.loads(f.readline())["conversations"]
+                user = next(m["content"] for m in user if m["role"] == "user")
+            except (ValueError, KeyError, TypeError, StopIteration):
+                return False  # a bad first line is reported when it is loaded
+        return IMAGE_MARKER in user and not user.lstrip().startswith(IMAGE_MARKER)
 
     def __len__(self):
         return len(self.offsets)

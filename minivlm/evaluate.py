@@ -11,12 +11,13 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import time
+import sys
 
-from .data import _image_names
+from .common import Progress
+from .data import DataError, _image_names
 from .generate import SamplingConfig, answer_batch
 from .processing import load_image
-from .synthetic import format_report, normalize_answer, score
+from .scoring import format_report, normalize_answer, score
 
 
 def read_questions(jsonl_path, images_dir=None):
@@ -33,7 +34,7 @@ def read_questions(jsonl_path, images_dir=None):
                 user, ref = conv[-2], conv[-1]
                 assert user["role"] == "user" and ref["role"] == "assistant"
             except (json.JSONDecodeError, KeyError, IndexError, TypeError, AssertionError):
-                raise ValueError(f"{jsonl_path}:{line_no}: not an eval line (needs conversations ending "
+                raise DataError(f"{jsonl_path}:{line_no}: not an eval line (needs conversations ending "
                                  f"with a user question and the reference answer)") from None
             names = _image_names(rec.get("image"))
             images = [load_image(os.path.join(images_dir, n)) for n in names]
@@ -43,27 +44,23 @@ def read_questions(jsonl_path, images_dir=None):
 
 
 def evaluate(model, tokenizer, jsonl_path, images_dir=None, batch_size=32, limit=None, max_new_tokens=64,
-             progress=True):
+             progress=True, question_first=False):
     """Greedy answers for every question (or the first `limit`); returns (records, scores) with scores
-    from synthetic.score. Questions are read batch by batch, so a large file never sits in memory."""
+    from scoring.score. Questions are read batch by batch, so a large file never sits in memory.
+    Questions without `<image>` markers get them before (or, question_first, after) the question."""
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     with open(jsonl_path, encoding="utf-8") as f:
         total = sum(1 for line in f if line.strip())
     total = total if limit is None else min(total, limit)
     questions = itertools.islice(read_questions(jsonl_path, images_dir), total)
-    records, t0 = [], time.time()
+    records, bar = [], Progress(total, "  scored", stream=sys.stdout, quiet=not progress)
     while chunk := list(itertools.islice(questions, batch_size)):
-        preds = answer_batch(model, tokenizer, [(it["images"], it["question"]) for it in chunk], cfg)
+        preds = answer_batch(model, tokenizer, [(it["images"], it["question"]) for it in chunk], cfg,
+                             question_first=question_first)
         for it, pred in zip(chunk, preds):
             records.append({"qtype": it["qtype"], "n_objects": it["n_objects"], "question": it["question"],
                             "answer": it["answer"], "prediction": pred, "line": it["line"]})
-        if progress:
-            done = len(records)
-            rate = done / max(1e-9, time.time() - t0)
-            print(f"\r  scored {done}/{total} ({rate:.1f}/s, ETA {(total - done) / max(rate, 1e-9):.0f}s)",
-                  end="", flush=True)
-    if progress:
-        print()
+        bar.update(len(records))
     return records, score(records)
 
 

@@ -5,7 +5,8 @@
                feed ONLY that token (the cache holds everything before it) ──▶ next logits
 
 The prefill is the only step that sees the images: their features are inside the cached keys and
-values afterwards, so decoding costs one token's worth of work per step, whatever the prompt held.
+values afterwards. Each decoding step then feeds one new token through the weights; only its attention
+still reads all the cached keys and values, so a step grows slowly with the length, not with its square.
 
 Batches are left-padded (`left_pad`): every row's last prompt token then sits in the same column,
 so one forward call yields "the next token" of every row. The attention mask tells the model which
@@ -25,7 +26,7 @@ from typing import Iterator
 import torch
 
 from .processing import preprocess_image
-from .tokenizer import chat_pieces, expand_images, IMAGE_MARKER
+from .prompt import chat_prompt, user_turn
 
 
 @dataclass
@@ -214,8 +215,9 @@ def left_pad(sequences: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor,
 
 @torch.no_grad()
 def stream(model, tokenizer, input_ids, pixel_values=None, image_counts=None, attention_mask=None,
-           cfg: SamplingConfig | None = None, eos_id: int | None = None) -> Iterator[str]:
-    """Generate for one prompt (batch size 1) and yield the text as it grows; eos is not emitted.
+           cfg: SamplingConfig | None = None) -> Iterator[str]:
+    """Generate for one prompt (batch size 1) and yield the text as it grows; it stops at the
+    tokenizer's eos, which is not emitted.
 
     One token may hold only part of a character (byte-level BPE splits a 3-byte Chinese character
     freely), and decoding an incomplete UTF-8 sequence gives the replacement character U+FFFD. So
@@ -228,7 +230,7 @@ def stream(model, tokenizer, input_ids, pixel_values=None, image_counts=None, at
     if input_ids.shape[0] != 1:
         raise ValueError(f"stream handles one prompt at a time, got a batch of {input_ids.shape[0]}")
     cfg = cfg or SamplingConfig()
-    eos_id = tokenizer.eos_id if eos_id is None else eos_id
+    eos_id = tokenizer.eos_id
     ids, emitted = [], ""
     with _eval_mode(model):
         for tok in _decode_steps(model, input_ids, pixel_values, image_counts, attention_mask, cfg,
@@ -248,34 +250,7 @@ def stream(model, tokenizer, input_ids, pixel_values=None, image_counts=None, at
 
 
 # ---------------------------------------------------------------------------------------------
-# Chat helpers
-
-
-def chat_prompt(tokenizer, messages: list[dict], run_length: int) -> list[int]:
-    """Messages -> prompt ids ending in `<|im_start|>assistant\\n`, ready for generate.
-
-    The template and the `<image>` expansion are the tokenizer module's (`chat_pieces`,
-    `expand_images`, which also sanitises '@' and '<|' in user text). Each piece is encoded on its
-    own, exactly as `data.encode_conversation` does for training, so the model sees at inference the
-    very token boundaries it was trained on. The pieces join to
-    `render_chat(messages, add_generation_prompt=True)`.
-    """
-    messages = [{"role": m["role"], "content": expand_images(m["content"], run_length)} for m in messages]
-    ids = []
-    for text, _ in chat_pieces(messages, add_generation_prompt=True):
-        ids += tokenizer.encode(text)
-    return ids
-
-
-def _user_message(images, question):
-    """The question with one <image> marker per image: where the question already places its markers
-    (as a question file may: "What colour is the star?\n<image>"), there; otherwise before it."""
-    n = question.count(IMAGE_MARKER)
-    if n == 0:
-        return [{"role": "user", "content": f"{IMAGE_MARKER}\n" * len(images) + question}]
-    if n != len(images):
-        raise ValueError(f"the question has {n} {IMAGE_MARKER} marker(s) but {len(images)} image(s) were given")
-    return [{"role": "user", "content": question}]
+# From questions and images to answers (the prompt itself is built by prompt.py)
 
 
 def _cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
@@ -304,10 +279,12 @@ def encode_batch(model, tokenizer, items: list[tuple[list, list[dict]]], image_s
 
 
 def answer_batch(model, tokenizer, items: list[tuple[list, str]], cfg: SamplingConfig | None = None,
-                 image_size: int | None = None) -> list[str]:
+                 image_size: int | None = None, question_first: bool = False) -> list[str]:
     """[(images, question), ...] -> one answer string per item, generated as one left-padded batch.
-    Items may hold different numbers of images (zero included)."""
-    batch = encode_batch(model, tokenizer, [(images, _user_message(images, q)) for images, q in items], image_size)
+    Items may hold different numbers of images (zero included). Images go where the question's
+    `<image>` markers stand, else before the question (after it with question_first)."""
+    messages = [[{"role": "user", "content": user_turn(q, len(images), question_first)}] for images, q in items]
+    batch = encode_batch(model, tokenizer, [(images, m) for (images, _), m in zip(items, messages)], image_size)
     out = generate(model, batch["input_ids"], batch["pixel_values"], batch["image_counts"], batch["attention_mask"],
                    cfg, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     return [tokenizer.decode(_cut_at_eos(row, tokenizer.eos_id), skip_special_tokens=True)
@@ -315,6 +292,6 @@ def answer_batch(model, tokenizer, items: list[tuple[list, str]], cfg: SamplingC
 
 
 def answer(model, tokenizer, images: list, question: str, cfg: SamplingConfig | None = None,
-           image_size: int | None = None) -> str:
+           image_size: int | None = None, question_first: bool = False) -> str:
     """Ask one question about zero or more PIL images; returns the model's answer as text."""
-    return answer_batch(model, tokenizer, [(images, question)], cfg, image_size)[0]
+    return answer_batch(model, tokenizer, [(images, question)], cfg, image_size, question_first)[0]

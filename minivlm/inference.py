@@ -11,13 +11,15 @@ import argparse
 import os
 import sys
 
-import torch
-
-from .checkpoint import load_vlm, read_meta
+from .checkpoint import check_tokenizer, load_vlm, read_meta
+from .common import DTYPES, resolve_device
+from .data import DataError
 from .evaluate import evaluate, report
 from .generate import SamplingConfig, encode_batch, stream
 from .processing import ImageLoadError, load_image
-from .tokenizer import Tokenizer, place_images
+from .prompt import PromptError, user_turn
+from .tokenizer import Tokenizer
+from .weights import WeightsError
 
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
 DEMO_WEIGHTS = os.path.join(DEMO_DIR, "model", "sft_vlm_128.pth")
@@ -88,18 +90,12 @@ def load_model(args):
         raise UserError(str(e)) from None
     overrides = {"num_attention_heads": args.num_heads} if args.num_heads else {}
     model = load_vlm(args.weights, vision=args.vision, **overrides)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise UserError(f"{tok_path}: tokenizer has {tokenizer.vocab_size} tokens, the model only "
-                        f"{model.config.vocab_size}: they do not belong together")
-    if tokenizer.placeholder_id != model.placeholder_id:
-        raise UserError(f"{tok_path}: '@' is id {tokenizer.placeholder_id} here but {model.placeholder_id} "
-                        f"in the checkpoint: they do not belong together")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    return model.to(device=device, dtype=dtype).eval(), tokenizer, device
+    check_tokenizer(model, tokenizer, tok_path)
+    device = resolve_device(args.device)
+    return model.to(device=device, dtype=DTYPES[args.dtype]).eval(), tokenizer, device
 
 
-def ask(model, tokenizer, device, images, messages, cfg, out=sys.stdout) -> str:
+def ask(model, tokenizer, images, messages, cfg, out=sys.stdout) -> str:
     """Stream the answer to `messages` (which hold one <image> per image) and return it."""
     batch = encode_batch(model, tokenizer, [(images, messages)])
     pieces = []
@@ -125,7 +121,7 @@ def run(args) -> int:
         if not os.path.isfile(args.eval):
             raise UserError(f"{args.eval}: eval file not found")
         records, scores = evaluate(model, tokenizer, args.eval, batch_size=args.batch_size, limit=args.limit,
-                                   max_new_tokens=min(args.max_new_tokens, 64))
+                                   max_new_tokens=min(args.max_new_tokens, 64), question_first=args.question_first)
         print(report(records, scores))
         return 0
 
@@ -153,19 +149,19 @@ def run(args) -> int:
                 break
             if not question:
                 break
-            content = place_images(question, 1, args.question_first) if first else question
+            content = user_turn(question, 1, args.question_first) if first else question
             messages.append({"role": "user", "content": content})
             print("vlm> ", end="", flush=True)
-            messages.append({"role": "assistant", "content": ask(model, tokenizer, device, [image], messages, cfg)})
+            messages.append({"role": "assistant", "content": ask(model, tokenizer, [image], messages, cfg)})
             first = False
         return 0
 
     groups = [loaded] if args.multi else [[item] for item in loaded]
     for group in groups:
         print(f"[{', '.join(os.path.basename(f) for f, _ in group)}] {args.prompt}")
-        content = place_images(args.prompt, len(group), args.question_first)
+        content = user_turn(args.prompt, len(group), args.question_first)
         print("vlm> ", end="", flush=True)
-        ask(model, tokenizer, device, [im for _, im in group], [{"role": "user", "content": content}], cfg)
+        ask(model, tokenizer, [im for _, im in group], [{"role": "user", "content": content}], cfg)
     return 0
 
 
@@ -173,8 +169,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (UserError, ValueError) as e:  # WeightsError, ImageLoadError, malformed eval lines, run mismatches
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, WeightsError, ImageLoadError, DataError, PromptError) as e:  # the user's mistakes;
+        print(f"error: {e}", file=sys.stderr)                                      # a bug keeps its traceback
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -85,7 +85,3 @@ def preprocess_image(image: Image.Image, size: int = 224, mean=CLIP_MEAN, std=CL
     x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # (3, size, size)
 
-
-def image_to_tensor(path, size: int = 224) -> torch.Tensor:
-    """load_image + preprocess_image: a file path -> FloatTensor[3, size, size]."""
-    return preprocess_image(load_image(path), size)

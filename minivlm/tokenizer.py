@@ -1,28 +1,10 @@
-"""Tokenizer, chat template and image placeholders for minivlm.
+"""The tokenizer: byte-level BPE with ChatML's special tokens and a one-token image placeholder.
 
-Three things live here because they must agree with each other byte for byte:
-
-1. `Tokenizer`: a thin wrapper around a byte-level BPE `tokenizers.Tokenizer` (MiniMind's
-   `minimind_tokenizer/tokenizer.json`, or one trained with `train_tokenizer`). Ids 0/1/2 are
-   `<|endoftext|>` (pad), `<|im_start|>` (bos) and `<|im_end|>` (eos).
-2. The ChatML template (`render_chat`, `chat_pieces`), written in plain Python:
-
-       <|im_start|>system\\nYou are a helpful assistant<|im_end|>\\n
-       <|im_start|>user\\n{content}<|im_end|>\\n
-       <|im_start|>assistant\\n{content}<|im_end|>\\n
-       ...
-
-3. Image placeholders. Every `<image>` marker in a message becomes a run of `run_length` '@'
-   characters (196 for CLIP ViT-B/16), and every '@' becomes exactly one placeholder id. The VLM
-   later finds these runs by id and overwrites their embeddings with the image features.
-
-Forging rule (`sanitize_text`, applied to all message text before markers are expanded):
-  * every literal '@' becomes the full-width look-alike '＠' (U+FF20). Its UTF-8 bytes never
-    contain the byte 0x40, so no text a user types can add placeholder ids: an e-mail address
-    cannot break or fake an image run. After sanitizing, the only '@' left are placeholder runs.
-  * every "<|" becomes "< |". All special tokens start with "<|", so after this no special token
-    string survives in user text: a user typing "<|im_end|>" gets ordinary text tokens, not the
-    eos id. (The rule covers special tokens of the form "<|...|>", which is all MiniMind has.)
+`Tokenizer` wraps a `tokenizers.Tokenizer` (MiniMind's `minimind_tokenizer/tokenizer.json`, or one
+trained here with `train_tokenizer`). Ids 0/1/2 are `<|endoftext|>` (pad), `<|im_start|>` (bos) and
+`<|im_end|>` (eos). Every '@' encodes to exactly one placeholder id (34 in MiniMind's vocabulary): a run
+of 196 of them stands for one image, and the VLM later finds these runs by id and overwrites their
+embeddings with the image features. How a conversation becomes text and ids is `prompt.py`'s job.
 
 Training a tokenizer:  python -m minivlm.tokenizer train --data A.jsonl --vocab-size 6400 --out DIR
 """
@@ -37,10 +19,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]  # trained tokenizers get ids 0, 1, 2
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant"
-IMAGE_MARKER = "<image>"
-PLACEHOLDER = "@"
-FULLWIDTH_AT = "\uff20"  # '＠', what a literal '@' in message text turns into
+PLACEHOLDER = "@"  # one placeholder id per image feature
 
 _AT_RUNS = re.compile(r"(@+)")  # capturing group: re.split keeps the runs
 
@@ -86,9 +65,6 @@ class Tokenizer:
     def vocab_size(self):
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def token_to_id(self, token):
-        return self._tok.token_to_id(token)
-
     @property
     def placeholder_id(self):
         """Id of the single token '@' that fills image placeholder runs."""
@@ -132,64 +108,12 @@ class Tokenizer:
 
 
 # ---------------------------------------------------------------------------------------------
-# Chat template and placeholders
-
-
-def sanitize_text(text):
-    """Make message text unable to forge placeholder ids or special tokens (see module docstring)."""
-    return text.replace(PLACEHOLDER, FULLWIDTH_AT).replace("<|", "< |")
-
-
-def image_placeholder(run_length):
-    return PLACEHOLDER * run_length
-
-
-def expand_images(text, run_length):
-    """Sanitize `text`, then replace each `<image>` marker with a run of `run_length` '@'."""
-    return sanitize_text(text).replace(IMAGE_MARKER, image_placeholder(run_length))
-
-
-def place_images(question, n_images, question_first=False):
-    """A user message with one `<image>` marker per image: before the question (MiniMind-V's
-    convention), or after it (question_first; the synthetic SFT data does this so that image tokens,
-    coming later in a causal decoder, can attend to the question)."""
-    markers = f"{IMAGE_MARKER}\n" * n_images
-    return f"{question}\n{markers}".rstrip("\n") if question_first else markers + question
-
-
-def chat_pieces(messages, add_generation_prompt=False):
-    """The rendered chat as a list of (text, trained) pieces; ''.join(texts) == render_chat(...).
-
-    `trained` is True exactly for each assistant answer plus the `<|im_end|>` that closes it: the
-    model must learn to say the answer and then to stop. The header `<|im_start|>assistant\\n` is
-    its own piece because at inference the prompt ends there and the answer starts a new token.
-    Contents are used as given: call `expand_images` on them first.
-    """
-    pieces = []
-    if not messages or messages[0]["role"] != "system":
-        pieces.append((f"{BOS_TOKEN}system\n{DEFAULT_SYSTEM_PROMPT}{EOS_TOKEN}\n", False))
-    for m in messages:
-        role, content = m["role"], m["content"]
-        if role == "assistant":
-            pieces += [(f"{BOS_TOKEN}assistant\n", False), (content + EOS_TOKEN, True), ("\n", False)]
-        else:
-            pieces.append((f"{BOS_TOKEN}{role}\n{content}{EOS_TOKEN}\n", False))
-    if add_generation_prompt:
-        pieces.append((f"{BOS_TOKEN}assistant\n", False))
-    return pieces
-
-
-def render_chat(messages, add_generation_prompt=False):
-    """Render [{"role", "content"}, ...] as ChatML text (REFERENCE §3)."""
-    return "".join(text for text, _ in chat_pieces(messages, add_generation_prompt))
-
-
-# ---------------------------------------------------------------------------------------------
 # Training
 
 
 def _training_texts(files):
     """Stream the text of every message in MiniMind-V jsonl files, one string per message."""
+    from .prompt import DEFAULT_SYSTEM_PROMPT, IMAGE_MARKER  # prompt.py builds on this module
     for path in files:
         with open(path, encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
@@ -241,13 +165,13 @@ def main(argv=None):
     train.add_argument("--out", required=True, metavar="DIR", help="folder to write tokenizer.json into")
     args = parser.parse_args(argv)
 
+    from .prompt import chat_prompt  # prompt.py builds on this module
+
     tok = train_tokenizer(args.data, vocab_size=args.vocab_size, out_dir=args.out)
     print(f"wrote {os.path.join(args.out, 'tokenizer.json')}: vocab size {tok.vocab_size} "
           f"(asked for {args.vocab_size})")
-    sample = render_chat([{"role": "user", "content": expand_images("What is in <image>?", 4)}],
-                         add_generation_prompt=True)
-    ids = tok.encode(sample)
-    print(f"sample: {sample!r}\n  -> {len(ids)} ids: {ids}")
+    ids = chat_prompt(tok, [{"role": "user", "content": "What is in <image>?"}], run_length=4)
+    print(f"sample: {tok.decode(ids, skip_special_tokens=False)!r}\n  -> {len(ids)} ids: {ids}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import VisionConfig
-from .weights import WeightsError, atomic_write, check_state_dict, load_state_dict, write_safetensors
+from .common import atomic_write
+from .weights import WeightsError, load_checked, load_state_dict, read_json, write_safetensors
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -125,18 +126,20 @@ class CLIPVisionTransformer(nn.Module):
                                    c.num_hidden_layers, c.layer_norm_eps, c.hidden_act)
         self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
-    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> "CLIPVisionOutput":
-        # Shared by CLIPVisionModel and clip.CLIPModel, which both hold this module as `vision_model`.
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False,
+                stop_after: int | None = None) -> "CLIPVisionOutput":
+        """Shared by CLIPVisionModel and clip.CLIPModel, which both hold this module as `vision_model`.
+        `stop_after` runs only that many encoder layers (a VLM needs none after the one it reads)."""
         x = self.pre_layrnorm(self.embeddings(pixel_values))  # (B, 197, D)
-        x, hidden_states = self.encoder(x, output_hidden_states=output_hidden_states)
-        pooled = self.post_layernorm(x[:, 0])  # (B, D)
+        x, hidden_states = self.encoder(x, output_hidden_states=output_hidden_states, stop_after=stop_after)
+        pooled = self.post_layernorm(x[:, 0]) if stop_after is None else None  # (B, D)
         return CLIPVisionOutput(last_hidden_state=x, pooler_output=pooled, hidden_states=hidden_states)
 
 
 @dataclass
 class CLIPVisionOutput:
     last_hidden_state: torch.Tensor  # (B, 197, D), last layer output, no post_layernorm
-    pooler_output: torch.Tensor  # (B, D), post_layernorm(CLS of last layer)
+    pooler_output: torch.Tensor | None  # (B, D), post_layernorm(CLS of last layer); None if stopped early
     hidden_states: tuple | None = None  # num_layers + 1 tensors: encoder input, then each layer's output
 
 
@@ -157,10 +160,9 @@ class CLIPVisionModel(nn.Module):
         CLS dropped ("patch", (B, 196, D)) or kept ("cls_patch", (B, 197, D)).
         Layers after the selected one are never computed."""
         feature = feature or self.config.select_feature
-        vm = self.vision_model
-        x = vm.pre_layrnorm(vm.embeddings(pixel_values))
-        x, _ = vm.encoder(x, stop_after=self._hidden_state_index(layer))  # hidden_states[index]
-        return x[:, 1:] if feature == "patch" else x
+        # The output after `index` layers is hidden_states[index].
+        x = self.vision_model(pixel_values, stop_after=self._hidden_state_index(layer)).last_hidden_state
+        return x[:, 1:] if feature == "patch" else x  # (B, 196, D) or (B, 197, D)
 
     def feature_modules(self) -> list[nn.Module]:
         """The modules select_features actually runs (no post_layernorm, no layers after the selected
@@ -183,14 +185,14 @@ class CLIPVisionModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder, **overrides) -> "CLIPVisionModel":
-        config = read_clip_config(folder, "vision", **overrides)
+        config = read_clip_config(folder, **overrides)
         model = cls(config)
         sd = read_clip_weights(folder)
         if "embeddings.patch_embedding.weight" in sd:  # newer vision-only saves drop the prefix
             sd = {f"vision_model.{k}": v for k, v in sd.items()}
         # A full CLIPModel also holds the text tower and projections: those are not ours to load.
         ours = {k: v for k, v in sd.items() if k.startswith("vision_model.")}
-        model.load_checked(ours, f"{folder}")
+        load_checked(model, ours, os.fspath(folder))
         return model
 
     def save_pretrained(self, folder):
@@ -201,14 +203,9 @@ class CLIPVisionModel(nn.Module):
         fields = {k: getattr(c, k) for k in _HF_VISION_DEFAULTS}
         cfg = {"model_type": "clip_vision_model", "architectures": ["CLIPVisionModel"], **fields,
                "minivlm": {"select_layer": c.select_layer, "select_feature": c.select_feature}}
-        atomic_write(os.path.join(folder, "config.json"), [json.dumps(cfg, indent=2).encode()])
+        atomic_write(os.path.join(folder, "config.json"), json.dumps(cfg, indent=2).encode())
         write_safetensors(dict(self.state_dict()), os.path.join(folder, "model.safetensors"), {"format": "pt"})
 
-    def load_checked(self, state_dict: dict, source: str):
-        """load_state_dict that names every missing / unexpected / mis-shaped key instead of ignoring it."""
-        sd = {k: v for k, v in state_dict.items() if not k.endswith("position_ids")}
-        check_state_dict(self.state_dict(), sd, source)
-        self.load_state_dict(sd)
 
 
 # Hugging Face's CLIPVisionConfig / CLIPTextConfig defaults, used for fields a config.json omits.
@@ -217,19 +214,13 @@ _HF_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_l
                            hidden_act="quick_gelu", projection_dim=512)
 
 
-def read_clip_config(folder, tower: str = "vision", **overrides):
-    """Read `config.json` of a Hugging Face CLIP folder into a VisionConfig (tower="vision")."""
+def read_clip_config(folder, **overrides) -> VisionConfig:
+    """Read `config.json` of a Hugging Face CLIP folder (full or vision-only) into a VisionConfig."""
     path = os.path.join(os.fspath(folder), "config.json")
     if not os.path.isfile(path):
         raise WeightsError(f"{path}: not found (is {folder} a Hugging Face CLIP folder?)")
-    with open(path, encoding="utf-8") as f:
-        try:
-            raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise WeightsError(f"{path}: invalid JSON ({e})") from None
-    if tower != "vision":
-        raise ValueError(f"unknown CLIP tower {tower!r}")
-    sub = raw.get(f"{tower}_config") or raw  # full CLIPModel nests it; a vision-only folder does not
+    raw = read_json(path)
+    sub = raw.get("vision_config") or raw  # a full CLIPModel nests it; a vision-only folder does not
     fields = {k: sub.get(k, v) for k, v in _HF_VISION_DEFAULTS.items()}
     fields["projection_dim"] = raw.get("projection_dim", fields["projection_dim"])
     fields.update(sub.get("minivlm", {}))  # feature selection saved by minivlm's save_pretrained

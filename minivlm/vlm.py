@@ -3,7 +3,7 @@
     input_ids (B, T) with a run of 196 '@' ids where each image goes
         --embed_tokens-->                          token embeddings (B, T, 512)
     pixel_values (B, N, 3, 224, 224)
-        --CLIP (frozen)--> (M, 196, 768) --projector--> (M, 196, 512)   M = real images in the batch
+        --CLIP--> (M, 196, 768) --projector--> (M, 196, 512)   M = real images in the batch
     splice: the embeddings of run k of sample b are replaced by image k of sample b
         --> decoder --> logits (B, T, 6400)
 
@@ -13,6 +13,8 @@ sit in the KV cache, decoding never runs the vision tower again.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -51,19 +53,24 @@ def find_image_runs(input_ids: torch.Tensor, placeholder_id: int, run_length: in
 
 
 class MiniMindVLM(MiniMindLM):
-    """MiniMindLM + a frozen CLIP vision tower + a projector. Checkpoint keys are MiniMind-V's
+    """MiniMindLM + a CLIP vision tower (frozen unless a recipe trains it) + a projector. Checkpoint keys are MiniMind-V's
     2025-04 names: `model.*`, `lm_head.weight`, `vision_proj.vision_proj.0.*` (CLIP is stored apart)."""
 
     def __init__(self, config: VLMConfig | None = None, vision_model: CLIPVisionModel | None = None,
-                 placeholder_id: int = 34):
+                 placeholder_id: int | None = None):
         config = config or VLMConfig()
+        if placeholder_id is not None:  # the tokenizer's '@' id, when it differs from the config's
+            config = dataclasses.replace(config, placeholder_id=placeholder_id)
         super().__init__(config.lm)
         self.vlm_config = config
-        self.placeholder_id = placeholder_id  # the id of '@' (34 in MiniMind's tokenizer)
         self.vision_encoder = vision_model if vision_model is not None else CLIPVisionModel(config.vision)
         self.vision_encoder.requires_grad_(False)  # frozen unless a training recipe unfreezes it
         self.vision_proj = VisionProjector(config.projector_type, config.vision.hidden_size, config.lm.hidden_size)
         self.vision_proj.apply(self._init_weights)
+
+    @property
+    def placeholder_id(self) -> int:
+        return self.vlm_config.placeholder_id
 
     @property
     def run_length(self) -> int:

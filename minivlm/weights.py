@@ -16,6 +16,8 @@ import struct
 
 import torch
 
+from .common import atomic_write
+
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -82,28 +84,6 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str
     atomic_write(path, [struct.pack("<Q", len(head)), head, *chunks])
 
 
-def atomic_write(path, chunks):
-    """Write bytes to `path` so that a crash leaves either the old file or the new one, never half."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        for c in chunks:
-            f.write(c)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_torch_save(obj, path):
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def load_state_dict(path) -> dict[str, torch.Tensor]:
     """A `.safetensors` file through our reader, anything else through torch.load(weights_only=True)."""
     path = os.fspath(path)
@@ -135,3 +115,27 @@ def check_state_dict(expected: dict[str, torch.Tensor], got: dict[str, torch.Ten
             problems.append(f"{len(items)} {label}: {', '.join(items[:5])}{more}")
     if problems:
         raise WeightsError(f"{source}: weights do not fit the model: " + "; ".join(problems))
+
+
+def load_checked(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str):
+    """`module.load_state_dict` that names every missing / unexpected / mis-shaped key.
+
+    Hugging Face CLIP files may hold `*.position_ids` buffers (just arange(77) / arange(197)); we
+    compute positions, so those are dropped first.
+    """
+    sd = {k: v for k, v in state_dict.items() if not k.endswith("position_ids")}
+    check_state_dict(module.state_dict(), sd, source)
+    module.load_state_dict(sd)
+
+
+def read_json(path) -> dict:
+    """A JSON file of a weights folder or checkpoint (config.json, <name>.json) -> dict.
+    A missing or malformed file is a WeightsError naming it."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise WeightsError(f"{path}: not found")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise WeightsError(f"{path}: invalid JSON ({e})") from None

@@ -7,7 +7,7 @@ import types
 
 import torch
 
-from minivlm import bench
+from minivlm import baselines, bench, flops
 from minivlm.config import vlm_preset
 from minivlm.vlm import MiniMindVLM
 
@@ -81,22 +81,22 @@ def test_loop_splice_equals_vectorised_splice():
     model = _small_vlm()
     ids, pixel_values, counts = _spliced_inputs(model)
     embeds = model.model.embed_tokens(ids)
+    loop_model = baselines.variant(model, splice="loop")
     with torch.no_grad():
         vectorised = model.splice_images(ids, embeds, pixel_values, counts)
-        with bench.variant(model, splice="loop"):
-            assert isinstance(model.splice_images, types.MethodType)
-            loop = model.splice_images(ids, embeds, pixel_values, counts)
-    assert "splice_images" not in model.__dict__  # the class's method is back
+        assert isinstance(loop_model.splice_images, types.MethodType)
+        assert loop_model.splice_images.__func__ is baselines.LoopSpliceVLM.splice_images
+        loop = loop_model.splice_images(ids, embeds, pixel_values, counts)
+    assert "splice_images" not in model.__dict__  # the model itself keeps the class's method
 
     # The splicing itself must agree bit for bit: with an encoder whose output for an image does not
     # depend on the other images of the batch, the two versions give identical tensors.
-    model.encode_images = lambda pv: pv.flatten(1)[:, :model.run_length, None].expand(
+    model.encode_images = loop_model.encode_images = lambda pv: pv.flatten(1)[:, :model.run_length, None].expand(
         -1, -1, model.config.hidden_size) * 2.0
     with torch.no_grad():
         exact_vec = model.splice_images(ids, embeds, pixel_values, counts)
-        with bench.variant(model, splice="loop"):
-            exact_loop = model.splice_images(ids, embeds, pixel_values, counts)
-    del model.encode_images
+        exact_loop = loop_model.splice_images(ids, embeds, pixel_values, counts)
+    del model.encode_images, loop_model.encode_images
     assert torch.equal(exact_vec, exact_loop)
     assert not torch.equal(exact_vec, embeds)  # something was spliced in
     # With the real tower, the loop encodes slot by slot, the vectorised version the real images in
@@ -105,11 +105,12 @@ def test_loop_splice_equals_vectorised_splice():
     assert torch.equal(vectorised[2], embeds[2])  # the sample without images is untouched
 
 
-def test_variant_switches_attention_and_restores_it():
+def test_variant_switches_attention_and_leaves_the_model_alone():
     model = _small_vlm()
-    with bench.variant(model, attn="eager", vision_fp32=True):
-        assert {layer.self_attn.attn_impl for layer in model.model.layers} == {"eager"}
-        assert "select_features" in model.vision_encoder.__dict__
+    base = baselines.variant(model, attn="eager", vision_fp32=True)
+    assert {layer.self_attn.attn_impl for layer in base.model.layers} == {"eager"}
+    assert "select_features" in type(base.vision_encoder).__dict__  # the fp32 tower's own method
+    assert base.lm_head.weight is model.lm_head.weight  # the same parameters, not a copy
     assert {layer.self_attn.attn_impl for layer in model.model.layers} == {"sdpa"}
     assert "select_features" not in model.vision_encoder.__dict__
 
@@ -120,17 +121,17 @@ def test_flop_counts_use_the_models_own_matmul_weights():
         with torch.device("meta"):  # shapes only, nothing allocated
             model = MiniMindVLM(cfg)
         decoder = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
-        assert bench.lm_matmul_params(cfg.lm) == decoder + model.lm_head.weight.numel()
-        assert bench.projector_matmul_params(cfg) == model.vision_proj.vision_proj[0].weight.numel()
+        assert flops.lm_matmul_params(cfg.lm) == decoder + model.lm_head.weight.numel()
+        assert flops.projector_matmul_params(cfg) == model.vision_proj.vision_proj[0].weight.numel()
         layers = model.vision_encoder.vision_model.encoder.layers
         per_layer = sum(m.weight.numel() for m in layers[0].modules() if isinstance(m, torch.nn.Linear))
         v = cfg.vision
         patch = model.vision_encoder.vision_model.embeddings.patch_embedding.weight.numel()
         tokens = v.num_patches + 1  # patches + CLS
         expected = 2 * patch * v.num_patches + len(layers) * (2 * per_layer * tokens + 4 * tokens ** 2 * v.hidden_size)
-        assert bench.vision_forward_flops(v) == expected
+        assert flops.vision_forward_flops(v) == expected
     # MoE: a token only pays for the experts it is routed to (+ shared ones) and the router.
     moe, dense = vlm_preset("26m-moe").lm, vlm_preset("26m").lm
     ffn = 3 * dense.hidden_size * dense.intermediate_size
     extra = ffn * (moe.num_experts_per_tok + moe.n_shared_experts - 1) + moe.hidden_size * moe.n_routed_experts
-    assert bench.lm_matmul_params(moe) == bench.lm_matmul_params(dense) + moe.num_hidden_layers * extra
+    assert flops.lm_matmul_params(moe) == flops.lm_matmul_params(dense) + moe.num_hidden_layers * extra

@@ -11,7 +11,8 @@ from PIL import Image
 from minivlm.data import (DataError, SampleTooLong, VLMDataset, collate_vlm, encode_conversation,
                           make_sample)
 from minivlm.processing import preprocess_image
-from minivlm.tokenizer import render_chat, expand_images, train_tokenizer
+from minivlm.prompt import expand_images, render_chat
+from minivlm.tokenizer import train_tokenizer
 
 RUN, SIZE = 4, 16  # short placeholder runs and tiny images keep the tests fast
 

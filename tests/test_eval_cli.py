@@ -113,11 +113,15 @@ def test_question_first_puts_the_image_after_the_prompt(capsys, ckpt, shapes_dir
     assert code == 0, err
 
 
-def test_place_images():
-    from minivlm.tokenizer import place_images
-    assert place_images("Q?", 2) == "<image>\n<image>\nQ?"
-    assert place_images("Q?", 2, question_first=True) == "Q?\n<image>\n<image>"
-    assert place_images("Q?", 0, question_first=True) == "Q?"
+def test_user_turn_places_images():
+    from minivlm.prompt import PromptError, user_turn
+    assert user_turn("Q?", 2) == "<image>\n<image>\nQ?"
+    assert user_turn("Q?", 2, question_first=True) == "Q?\n<image>\n<image>"
+    assert user_turn("Q?", 0, question_first=True) == "Q?"
+    # markers already in the question stay where they are, and their number must match
+    assert user_turn("Q?\n<image>", 1) == "Q?\n<image>"
+    with pytest.raises(PromptError, match="2 <image> marker"):
+        user_turn("<image> <image> Q?", 1)
 
 
 def test_out_of_the_box_demo_answers_about_the_samples():

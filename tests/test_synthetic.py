@@ -9,7 +9,8 @@ import re
 import numpy as np
 import pytest
 
-from minivlm import synthetic as S
+from minivlm import scoring, synthetic
+from minivlm import shapes as S
 
 TOL = 30  # max per-channel distance for a pixel to count as "this palette colour"
 
@@ -127,6 +128,11 @@ def test_caption_wording():
                      S.Obj("triangle", "green", "large", 7)])
     assert S.caption(scene) == ("a small orange cross on the left, a large white square on the right "
                                 "and a large green triangle at the bottom")
+    # the shorter phrasings CLIP's training uses: the article follows the first word left
+    assert S.caption(scene, with_size=False) == ("an orange cross on the left, a white square on the right "
+                                                 "and a green triangle at the bottom")
+    assert S.caption(scene, with_position=False) == "a small orange cross, a large white square and a large green triangle"
+    assert S.caption(S.Scene([])) == "nothing"
 
 
 def test_answers_are_true_of_the_scene():
@@ -196,7 +202,7 @@ def test_diff_pair_answer_is_in_first_and_not_second():
 # files
 
 def test_write_dataset_files(tmp_path):
-    meta = S.write_dataset(tmp_path, n_train=12, n_test=8, seed=3)
+    meta = synthetic.write_dataset(tmp_path, n_train=12, n_test=8, seed=3)
     files = ["pretrain.jsonl", "sft.jsonl", "sft_multi.jsonl", "test_sft.jsonl", "test_multi.jsonl"]
     assert json.loads((tmp_path / "meta.json").read_text())["seed"] == 3
     assert meta["lines"]["pretrain.jsonl"] == 12
@@ -226,9 +232,9 @@ def test_write_dataset_files(tmp_path):
 def test_write_dataset_is_deterministic(tmp_path):
     def snapshot(d):
         return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
-    S.write_dataset(tmp_path / "a", 5, 3, seed=1)
-    S.write_dataset(tmp_path / "b", 5, 3, seed=1)
-    S.write_dataset(tmp_path / "c", 5, 3, seed=2)
+    synthetic.write_dataset(tmp_path / "a", 5, 3, seed=1)
+    synthetic.write_dataset(tmp_path / "b", 5, 3, seed=1)
+    synthetic.write_dataset(tmp_path / "c", 5, 3, seed=2)
     a, b, c = snapshot(tmp_path / "a"), snapshot(tmp_path / "b"), snapshot(tmp_path / "c")
     assert a == b
     assert a.keys() == c.keys() and a["sft.jsonl"] != c["sft.jsonl"]
@@ -237,8 +243,8 @@ def test_write_dataset_is_deterministic(tmp_path):
 
 def test_cli_writes_files_and_preview(tmp_path, capsys):
     out, grid = tmp_path / "ds", tmp_path / "grid.png"
-    assert S.main(["--out", str(out), "--train", "4", "--test", "4", "--seed", "9",
-                   "--preview", str(grid), "--quiet"]) == 0
+    assert synthetic.main(["--out", str(out), "--train", "4", "--test", "4", "--seed", "9",
+                           "--preview", str(grid), "--quiet"]) == 0
     for name in ["pretrain.jsonl", "sft.jsonl", "sft_multi.jsonl", "test_sft.jsonl",
                  "test_multi.jsonl", "meta.json", "images/train_000004.png", "images/test_pair_000001_b.png"]:
         assert (out / name).is_file(), name
@@ -247,7 +253,7 @@ def test_cli_writes_files_and_preview(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "1. a " in text and "16. a " in text
     with pytest.raises(SystemExit):
-        S.main(["--help"])
+        synthetic.main(["--help"])
     assert "--preview" in capsys.readouterr().out
 
 
@@ -266,7 +272,7 @@ def test_cli_writes_files_and_preview(tmp_path, capsys):
     ("Yes", "yes"),
 ])
 def test_normalize_answer(raw, norm):
-    assert S.normalize_answer(raw) == norm
+    assert scoring.normalize_answer(raw) == norm
 
 
 def test_score_per_type_and_object_count():
@@ -278,30 +284,30 @@ def test_score_per_type_and_object_count():
         dict(qtype="position", n_objects=1, prediction="in the centre", answer="center"),
         dict(qtype="exists", n_objects=2, prediction="yes", answer="no"),
     ]
-    s = S.score(recs)
+    s = scoring.score(recs)
     assert s["overall"] == {"correct": 4, "total": 6, "acc": pytest.approx(4 / 6)}
     assert s["by_qtype"]["count"]["acc"] == pytest.approx(2 / 3)
     assert s["by_qtype_nobj"]["count"][1]["acc"] == 1.0
     assert s["by_qtype_nobj"]["count"][2]["acc"] == 0.5
     assert s["by_qtype"]["exists"]["acc"] == 0.0
     assert s["by_qtype"]["position"]["acc"] == 1.0
-    report = S.format_report(s)
+    report = scoring.format_report(s)
     assert "count" in report and "overall" in report and "66.7" in report
 
 
 def test_describe_attribute_score():
     truth = "a large red circle at the top left and a small blue star in the center"
-    perfect = S.describe_attributes(truth, truth)
+    perfect = scoring.describe_attributes(truth, truth)
     assert all(c == p == 2 for c, p in perfect.values())
     # right objects and places, one wrong colour and one wrong size
-    got = S.describe_attributes("a large green circle at the top left and a large blue star in the center", truth)
+    got = scoring.describe_attributes("a large green circle at the top left and a large blue star in the center", truth)
     assert got == {"position": (2, 2), "colour": (1, 2), "shape": (2, 2), "size": (1, 2)}
     # an invented extra object costs credit
-    got = S.describe_attributes(truth + " and a small white cross at the bottom", truth)
+    got = scoring.describe_attributes(truth + " and a small white cross at the bottom", truth)
     assert got["position"] == (2, 3)
-    s = S.score([dict(qtype="describe", n_objects=2, prediction=truth, answer=truth)])
+    s = scoring.score([dict(qtype="describe", n_objects=2, prediction=truth, answer=truth)])
     assert s["describe_attributes"]["all"]["acc"] == 1.0
-    assert "describe (attributes)" in S.format_report(s)
+    assert "describe (attributes)" in scoring.format_report(s)
 
 
 # -----------------------------------------------------------------------------
@@ -312,23 +318,28 @@ def test_on_the_fly_matches_files(tmp_path):
     from minivlm.data import VLMDataset
     from minivlm.tokenizer import train_tokenizer
 
-    S.write_dataset(tmp_path, n_train=6, n_test=2, seed=5)
+    synthetic.write_dataset(tmp_path, n_train=6, n_test=2, seed=5)
     tok = train_tokenizer([tmp_path / "pretrain.jsonl", tmp_path / "sft.jsonl"], vocab_size=400)
     kw = dict(tokenizer=tok, run_length=4, max_length=128, image_size=96)
     for kind, name in (("pretrain", "pretrain.jsonl"), ("multi", "sft_multi.jsonl")):
         files = VLMDataset(tmp_path / name, **kw)
-        fly = S.SyntheticVLMDataset(kind, len(files), seed=5, **kw)
+        fly = synthetic.SyntheticVLMDataset(kind, len(files), seed=5, **kw)
         for i in range(len(files)):
             a, b = files[i], fly[i]
             assert a.keys() == b.keys()
             for k in a:
                 assert torch.equal(a[k], b[k]), (kind, i, k)
-    sft = S.SyntheticVLMDataset("sft", 50, seed=5, **kw)
+    sft = synthetic.SyntheticVLMDataset("sft", 50, seed=5, **kw)
     x = sft[3]
     assert x["pixel_values"].shape == (1, 3, 96, 96) and (x["labels"] != -100).any()
     qtypes = {sft.example(i)[1]["qtype"] for i in range(50)}
     assert len(qtypes) >= 5
     assert torch.equal(sft[7]["input_ids"], sft[7]["input_ids"])
+
+
+def test_question_first_follows_the_kind():
+    kinds = ("pretrain", "sft", "multi")
+    assert [synthetic.SyntheticVLMDataset(k, 1, 0, None, 4, 64).question_first for k in kinds] == [False, True, True]
 
 
 def test_sft_qtype_weights_change_the_mix():

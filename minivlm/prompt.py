@@ -1,0 +1,121 @@
+"""The one road from a conversation to token ids, for training and for answering alike.
+
+    messages [{"role", "content"}, ...]   one `<image>` marker per image in the user text
+      --sanitize_text-->   typed '@' and '<|' can no longer forge placeholder or special tokens
+      --expand_images-->   each `<image>` becomes run_length '@' (196 for CLIP ViT-B/16)
+      --chat_pieces-->     the ChatML template as (text, trained) pieces
+      --encode_chat-->     input_ids, and labels that keep only the trained pieces
+
+The template (ChatML, as MiniMind's tokenizer_config renders it):
+
+    <|im_start|>system\\nYou are a helpful assistant<|im_end|>\\n      (unless a system turn comes first)
+    <|im_start|>user\\n{content}<|im_end|>\\n
+    <|im_start|>assistant\\n{content}<|im_end|>\\n
+    ...
+
+Every piece is encoded on its own and the ids are concatenated. The pieces are cut at special tokens
+and at the start of each answer, which is exactly where an inference prompt stops, so the prompt the
+model sees when answering is token for token the start of the conversation it was trained on.
+
+Forging rule (`sanitize_text`, applied to all message text before markers are expanded):
+  * every literal '@' becomes the full-width look-alike '＠' (U+FF20). Its UTF-8 bytes never
+    contain the byte 0x40, so no text a user types can add placeholder ids: an e-mail address
+    cannot break or fake an image run. After sanitizing, the only '@' left are placeholder runs.
+  * every "<|" becomes "< |". All special tokens start with "<|", so after this no special token
+    string survives in user text: a user typing "<|im_end|>" gets ordinary text tokens, not the
+    eos id. (The rule covers special tokens of the form "<|...|>", which is all MiniMind has.)
+"""
+
+from __future__ import annotations
+
+from .tokenizer import BOS_TOKEN, EOS_TOKEN, PLACEHOLDER
+
+IMAGE_MARKER = "<image>"  # where an image goes in a message; becomes a run of placeholders
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant"
+FULLWIDTH_AT = "\uff20"  # '＠', what a literal '@' in message text turns into
+IGNORE_INDEX = -100  # the label of a token that is not trained (what torch's cross_entropy skips)
+
+
+class PromptError(ValueError):
+    """A prompt whose `<image>` markers do not match the images given."""
+
+
+def sanitize_text(text: str) -> str:
+    """Make message text unable to forge placeholder ids or special tokens (see module docstring)."""
+    return text.replace(PLACEHOLDER, FULLWIDTH_AT).replace("<|", "< |")
+
+
+def image_placeholder(run_length: int) -> str:
+    return PLACEHOLDER * run_length
+
+
+def expand_images(text: str, run_length: int) -> str:
+    """Sanitize `text`, then replace each `<image>` marker with a run of `run_length` '@'."""
+    return sanitize_text(text).replace(IMAGE_MARKER, image_placeholder(run_length))
+
+
+def user_turn(question: str, n_images: int, question_first: bool = False) -> str:
+    """The content of a user turn asking `question` about `n_images` images.
+
+    A question that already holds `<image>` markers (as a question file may) keeps them where they
+    stand, and their number must match. Otherwise one marker per image goes before the question
+    (MiniMind-V's convention) or, with question_first, after it: in a causal decoder the image tokens
+    can then attend to the question (the shapes world's SFT data is written this way).
+    """
+    n = question.count(IMAGE_MARKER)
+    if n:
+        if n != n_images:
+            raise PromptError(f"the question has {n} {IMAGE_MARKER} marker(s) but {n_images} image(s) were given")
+        return question
+    markers = f"{IMAGE_MARKER}\n" * n_images
+    return f"{question}\n{markers}".rstrip("\n") if question_first else markers + question
+
+
+def chat_pieces(messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
+    """The rendered chat as a list of (text, trained) pieces; ''.join(texts) == render_chat(...).
+
+    `trained` is True exactly for each assistant answer plus the `<|im_end|>` that closes it: the
+    model must learn to say the answer and then to stop. The header `<|im_start|>assistant\\n` is
+    its own piece because at inference the prompt ends there and the answer starts a new token.
+    Contents are used as given: `encode_chat` expands the images first.
+    """
+    pieces = []
+    if not messages or messages[0]["role"] != "system":
+        pieces.append((f"{BOS_TOKEN}system\n{DEFAULT_SYSTEM_PROMPT}{EOS_TOKEN}\n", False))
+    for m in messages:
+        role, content = m["role"], m["content"]
+        if role == "assistant":
+            pieces += [(f"{BOS_TOKEN}assistant\n", False), (content + EOS_TOKEN, True), ("\n", False)]
+        else:
+            pieces.append((f"{BOS_TOKEN}{role}\n{content}{EOS_TOKEN}\n", False))
+    if add_generation_prompt:
+        pieces.append((f"{BOS_TOKEN}assistant\n", False))
+    return pieces
+
+
+def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """Render [{"role", "content"}, ...] as ChatML text."""
+    return "".join(text for text, _ in chat_pieces(messages, add_generation_prompt))
+
+
+def encode_chat(tokenizer, messages: list[dict], run_length: int,
+                add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    """Messages -> (input_ids, labels), two equally long lists of ints; labels are IGNORE_INDEX
+    outside the trained pieces (not shifted: the loss shifts). `<image>` markers are expanded here.
+
+    This equals `tokenizer.encode(render_chat(...))` for ordinary text (tests check it). An answer
+    starting with 2+ spaces may differ: whole-text BPE would glue the header's "\\n" to a space, which
+    inference, whose prompt ends at that "\\n", never sees.
+    """
+    messages = [{"role": m["role"], "content": expand_images(m["content"], run_length)} for m in messages]
+    input_ids, labels = [], []
+    for text, trained in chat_pieces(messages, add_generation_prompt):
+        ids = tokenizer.encode(text)
+        input_ids += ids
+        labels += ids if trained else [IGNORE_INDEX] * len(ids)
+    return input_ids, labels
+
+
+def chat_prompt(tokenizer, messages: list[dict], run_length: int) -> list[int]:
+    """Messages -> prompt ids ending in `<|im_start|>assistant\\n`, ready for generation."""
+    return encode_chat(tokenizer, messages, run_length, add_generation_prompt=True)[0]

@@ -1,0 +1,97 @@
+"""What a training run is asked to do: the command line of `train_pretrain.py` / `train_sft.py` and
+the default recipe per stage and preset.
+
+A flag left at None takes the recipe's value. "real" is MiniMind-V's recipe for the 26M model on its
+data; "tiny" is the CPU recipe that trains a working VLM on the synthetic shapes world in minutes
+(it trains the vision tower too, since no pretrained CLIP is available offline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+# Defaults per (stage, preset family). "real": MiniMind-V's published recipe (AdamW, lr 4e-4 for the
+# projector in pretraining, ~2e-5 in SFT, batch 16, max length 640 / 1536). "tiny": the offline CPU recipe.
+RECIPES = {
+    ("pretrain", "real"): dict(lr=4e-4, batch_size=16, epochs=4, max_length=640, train_lm_layers=0,
+                               warmup_steps=0, train_vision=False),
+    ("sft", "real"): dict(lr=2e-5, batch_size=16, epochs=2, max_length=1536, train_lm_layers=-1,
+                          warmup_steps=0, train_vision=False),
+    ("pretrain", "tiny"): dict(lr=2e-3, batch_size=32, epochs=1, max_length=128, train_lm_layers=-1,
+                               warmup_steps=100, train_vision=True, vision_lr=5e-4, data="synthetic",
+                               max_steps=1200, synthetic_samples=1_000_000),
+    ("sft", "tiny"): dict(lr=1e-3, batch_size=32, epochs=1, max_length=160, train_lm_layers=-1,
+                          warmup_steps=50, train_vision=True, vision_lr=3e-4, data="synthetic",
+                          max_steps=1500, synthetic_samples=1_000_000),
+}
+
+
+def build_parser(stage: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"train_{stage}.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=("Stage 1: caption pretraining (projector trained; CLIP frozen unless --train-vision)."
+                     if stage == "pretrain" else
+                     "Stage 2: instruction tuning (projector + whole decoder trained; CLIP frozen unless "
+                     "--train-vision).")
+        + " Flags left at None take the recipe default of --preset (26m/104m/26m-moe: MiniMind-V's "
+          "recipe on real data; tiny: the offline CPU recipe on the synthetic world).")
+    a = p.add_argument
+    a("--preset", default="26m", choices=["26m", "104m", "26m-moe", "tiny"], help="model size")
+    a("--data", default=None, help="MiniMind-V jsonl file, or 'synthetic' to render shapes scenes on the fly")
+    a("--images", default=None, help="image folder of --data (default: the jsonl's folder)")
+    a("--tokenizer", default=None, help="tokenizer.json or a folder holding it (default: --out/tokenizer.json)")
+    a("--vision", default=None, help="Hugging Face CLIP folder (e.g. clip-vit-base-patch16); without it the "
+                                     "tower starts random, which only makes sense with --train-vision")
+    a("--out", default="out", help="output folder for checkpoints, logs and the resume state")
+    if stage == "pretrain":
+        a("--from-lm", default=None, help="initialise the decoder from a MiniMind LM .pth (else random)")
+    else:
+        a("--init", default=None, help="checkpoint to start from (default: the pretrain output in --out)")
+    a("--train-lm-layers", type=int, default=None,
+      help="also train the last K decoder layers (0 = projector only; -1 = the whole decoder)")
+    a("--train-vision", action=argparse.BooleanOptionalAction, default=None,
+      help="train the vision tower too (the tiny recipe does: it has no pretrained CLIP)")
+    a("--vision-lr", type=float, default=None, help="learning rate of the vision tower (default: --lr)")
+    a("--epochs", type=int, default=None, help="passes over the data")
+    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (budget in steps)")
+    a("--batch-size", type=int, default=None, help="samples per micro-batch per process")
+    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--lr", type=float, default=None, help="peak learning rate")
+    a("--warmup-steps", type=int, default=None, help="linear warm-up steps before the cosine decay")
+    a("--min-lr-ratio", type=float, default=0.1, help="the cosine decays to lr * this")
+    a("--weight-decay", type=float, default=0.01, help="AdamW weight decay (never on norms and biases)")
+    a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
+    a("--max-length", type=int, default=None, help="tokens per sample; longer ones are cut after the last image")
+    a("--skip-bad", action="store_true", help="skip (and count) bad samples instead of stopping at the first")
+    a("--synthetic-samples", type=int, default=None, help="with --data synthetic: samples per epoch")
+    a("--describe-weight", type=float, default=0.2,
+      help="with --data synthetic (SFT): odds of a 'describe' question relative to each other question type")
+    a("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+      help="compute dtype (autocast); auto = bf16 on a GPU that supports it, else fp32")
+    a("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--num-workers", type=int, default=None, help="DataLoader worker processes (default: min(4, cpus-1))")
+    a("--threads", type=int, default=None,
+      help="torch CPU threads (default: torch's choice); 1 is much faster on a CPU shared with other jobs")
+    a("--seed", type=int, default=0, help="seed of initialisation, shuffling and synthetic data")
+    a("--log-every", type=int, default=20, help="log every N optimizer steps")
+    a("--save-every", type=int, default=500, help="save a checkpoint every N optimizer steps (and at the end)")
+    a("--resume", action="store_true", help="continue from --out's resume state, exactly")
+    a("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill at step k
+    return p
+
+
+def resolve(stage: str, args) -> argparse.Namespace:
+    """Fill flags left at None from the recipe of --preset."""
+    recipe = RECIPES[(stage, "tiny" if args.preset == "tiny" else "real")]
+    for k, v in recipe.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if args.vision_lr is None:
+        args.vision_lr = args.lr
+    if args.data is None:
+        raise SystemExit(f"error: --data is required for preset {args.preset} (a MiniMind-V jsonl file)")
+    if args.tokenizer is None:
+        args.tokenizer = os.path.join(args.out, "tokenizer.json")
+    return args
