@@ -9,10 +9,16 @@ Two key layouts exist in the wild:
   2025-02: tok_embeddings.weight, layers.{i}.attention.wq..., with *interleaved* RoPE; converting it
            needs a row permutation of wq/wk, see `convert_2025_02`.
 Nothing is matched loosely: missing, unexpected or mis-shaped keys are an error that names them.
+
+The JSON is written last and vouches for the files of one save: the step and the sha256 of the `.pth`
+and of the trained vision tower's `model.safetensors`. A run killed between writing them leaves files
+of two saves; `load_vlm` then refuses, naming the file that does not belong. It also refuses weights
+holding NaN or infinity (they would answer with an empty string, silently).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -120,6 +126,37 @@ def read_meta(weights) -> dict:
     return read_json(path) if os.path.isfile(path) else {}
 
 
+def sha256_of(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_files(weights, saved: dict, check_vision: bool):
+    """The weights (and, when it is used, the saved vision tower) are the files the JSON was written
+    with: same sha256. A JSON without "sha256" (older minivlm) vouches for nothing and is not checked."""
+    digests = saved.get("sha256", {})
+    paths = {"weights": weights}
+    if check_vision and "vision_folder" in saved:
+        paths["vision"] = os.path.join(os.path.dirname(os.path.abspath(weights)), saved["vision_folder"],
+                                       "model.safetensors")
+    for part, path in paths.items():
+        if part in digests and os.path.isfile(path) and sha256_of(path) != digests[part]:
+            raise WeightsError(f"{path}: not the file saved with {config_path_for(weights)} (step "
+                               f"{saved.get('step', '?')}): a save was interrupted between its files, or one "
+                               f"was replaced; use the files of one save (or --resume the run to save again)")
+
+
+def check_finite(model, source):
+    """Refuse weights with NaN or infinity, naming the first such tensor."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise WeightsError(f"{source}: tensor {name} holds NaN or infinite values (a diverged or damaged "
+                               f"checkpoint)")
+
+
 def load_vlm(weights, vision=None, **config_overrides) -> MiniMindVLM:
     """Build a MiniMindVLM from a checkpoint (2025-04 or 2025-02 layout, fp16/fp32) and a CLIP tower.
 
@@ -167,6 +204,9 @@ def load_vlm(weights, vision=None, **config_overrides) -> MiniMindVLM:
     check_state_dict(model.lm_state_dict(), sd, weights)
     dtype = model.model.embed_tokens.weight.dtype
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False)  # vision keys: loaded above
+    if saved:
+        check_files(weights, saved, check_vision=vision is None)
+    check_finite(model, weights)
     return model
 
 
@@ -180,27 +220,40 @@ def load_lm_weights(model, path):
     model.load_state_dict(sd, strict=False)
 
 
-def save_vlm(model: MiniMindVLM, path, dtype=torch.float16, vision_folder=None, question_first=False):
-    """Write the checkpoint (MiniMind-V 2025-04 layout, no CLIP keys) and `<name>.json` beside it.
+def save_vlm(model: MiniMindVLM, path, dtype=torch.float16, vision_folder=None, question_first=False, step=None,
+             tokenizer_vocab_size=None):
+    """Write the checkpoint (MiniMind-V 2025-04 layout, no CLIP keys), then `<name>.json` beside it.
     vision_folder: where a trained vision tower was saved (recorded so load_vlm finds it).
-    question_first: the model was trained with questions before the images (eval_vlm.py's default)."""
+    question_first: the model was trained with questions before the images (eval_vlm.py's default).
+    step, tokenizer_vocab_size: recorded, with the sha256 of each file, for load_vlm's checks."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     sd = {k: v.detach().to("cpu", dtype) for k, v in model.lm_state_dict().items()}
     atomic_write(path, lambda f: torch.save(sd, f))
     meta = {"format": "minivlm-checkpoint-1", "vlm": model.vlm_config.to_dict(),
-            "placeholder_id": model.placeholder_id, "question_first": question_first}
+            "placeholder_id": model.placeholder_id, "question_first": question_first,
+            "sha256": {"weights": sha256_of(path)}}
+    if step is not None:
+        meta["step"] = step
+    if tokenizer_vocab_size is not None:
+        meta["tokenizer_vocab_size"] = tokenizer_vocab_size
     if vision_folder is not None:
         meta["vision_folder"] = os.path.relpath(vision_folder, os.path.dirname(os.path.abspath(path)))
-    atomic_write(config_path_for(path), json.dumps(meta, indent=2).encode())
+        meta["sha256"]["vision"] = sha256_of(os.path.join(vision_folder, "model.safetensors"))
+    atomic_write(config_path_for(path), json.dumps(meta, indent=2).encode())  # last: it vouches for the rest
 
 
-def check_tokenizer(model: MiniMindVLM, tokenizer, source: str):
-    """Refuse a tokenizer that does not belong to the model: ids past the embedding table, or a
-    different id for '@' (every image run would then go unnoticed). `source` names the tokenizer."""
+def check_tokenizer(model: MiniMindVLM, tokenizer, source: str, trained_with: int | None = None):
+    """Refuse a tokenizer that does not belong to the model: ids past the embedding table, fewer tokens
+    than the model was trained with (`trained_with`, from the checkpoint JSON; a foreign tokenizer that
+    happens to fit would make the model read nonsense), or a different id for '@' (every image run
+    would then go unnoticed). `source` names the tokenizer."""
     if tokenizer.vocab_size > model.config.vocab_size:
         raise WeightsError(f"{source}: tokenizer has {tokenizer.vocab_size} tokens, the model only "
                            f"{model.config.vocab_size}: they do not belong together")
+    if trained_with is not None and tokenizer.vocab_size != trained_with:
+        raise WeightsError(f"{source}: tokenizer has {tokenizer.vocab_size} tokens, but the checkpoint was "
+                           f"trained with one of {trained_with}: they do not belong together")
     if tokenizer.placeholder_id != model.placeholder_id:
         raise WeightsError(f"{source}: '@' is id {tokenizer.placeholder_id} here but {model.placeholder_id} "
                            f"in the checkpoint: they do not belong together")

@@ -15,6 +15,21 @@ import time
 
 import torch
 
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for (a missing file, a bad flag value, an unusable device).
+    Commands print it as one line `error: ...` and exit with code 2; bugs keep their traceback."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a batch size of 0 would otherwise loop forever or divide by 0)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)  # argparse turns this into "invalid positive_int value: '0'"
+    return value
+
+
 # The three compute dtypes a user can name on the command line.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -31,7 +46,15 @@ def resolve_device(name: str | None = None) -> torch.device:
     """
     if name is None:
         name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device name (cpu, cuda, cuda:1, …)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available (torch {torch.__version__} "
+                        f"{'has no CUDA support' if torch.version.cuda is None else 'finds no GPU'}); use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: there are only {torch.cuda.device_count()} GPU(s)")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True

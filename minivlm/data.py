@@ -1,18 +1,25 @@
-"""MiniMind-V jsonl datasets: one conversation (+ images) per line -> tensors for training.
+"""MiniMind-V datasets: one conversation (+ images) per sample -> tensors for training.
 
-A line looks like
-    {"conversations": [{"role": "user", "content": "<image>\\nWhat is this?"},
-                       {"role": "assistant", "content": "A cat."}], "image": "cat.jpg"}
-with one `<image>` marker per image ("image": "a.jpg, b.jpg" for two, in order) and the images in
-a folder beside the jsonl. Each sample becomes
+Two file formats, picked by extension (`VLMDataset(path, ...)`):
+  *.jsonl    one JSON object per line (this module), images in a folder beside it:
+             {"conversations": [{"role": "user", "content": "<image>\\nWhat is this?"},
+                                {"role": "assistant", "content": "A cat."}], "image": "cat.jpg"}
+             with one `<image>` marker per image ("image": "a.jpg, b.jpg" for two, in order).
+  *.parquet  MiniMind-V's current release: columns `conversations` (that list as a JSON string) and
+             `image_bytes` (the encoded images); see `parquet.py`.
+
+Each sample becomes
 
     input_ids     the ChatML-rendered conversation, every <image> expanded to run_length '@' ids
     labels        the same ids where the model is trained, -100 elsewhere (NOT shifted)
-    pixel_values  FloatTensor[N_img, 3, S, S], CLIP-preprocessed, in marker order
+    pixel_values  FloatTensor[N_img, 3, S, S], CLIP-preprocessed, in marker order (N_img may be 0)
 
-Only assistant answers and the `<|im_end|>` closing each of them are trained (see
-`prompt.chat_pieces`). Bad lines raise `DataError` naming `path:line:`; with `skip_bad=True`
-the dataset skips them and counts why (`bad_summary()`).
+Every answer token, the `<|im_end|>` closing it and the "\\n" after that are trained, exactly as
+MiniMind-V labels them (see `prompt.chat_pieces`). A sample longer than max_length is cut before the
+first image run that does not fit (that image and everything after it are dropped), and a sample with
+no answer token left is skipped quietly. Bad samples raise `DataError` naming the file and line (or
+row); with `skip_bad=True` they are skipped. Every skip and cut is counted (`bad_summary()`), exactly
+even with DataLoader workers (`SampleLog`).
 """
 
 import json
@@ -44,7 +51,12 @@ class DataError(ValueError):
 
 
 class SampleTooLong(DataError):
-    """The sample does not fit in max_length without cutting an image or losing every answer."""
+    """Nothing of the sample is left to train within max_length. Not an error: always skipped and
+    counted, with or without skip_bad (MiniMind-V's long samples simply lose their tail)."""
+
+
+ROLES = ("system", "user", "assistant")
+TOOL_KEYS = ("tools", "tool_calls", "functions", "function_call")  # MiniMind's LLM data has them; a VLM does not
 
 
 def check_conversations(conversations, n_images):
@@ -56,6 +68,11 @@ def check_conversations(conversations, n_images):
     for i, m in enumerate(conversations):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise DataError("bad conversations", f"conversations[{i}] needs string 'role' and 'content' fields")
+        if any(m.get(key) for key in TOOL_KEYS):
+            raise DataError("tool calls", f"conversations[{i}] has {[k for k in TOOL_KEYS if m.get(k)]}: "
+                                          f"tool and function calls are not supported")
+        if m["role"] not in ROLES:
+            raise DataError("unknown role", f"conversations[{i}] has role {m['role']!r} (expected one of {ROLES})")
         expected = "system" if i < start else ("user", "assistant")[(i - start) % 2]
         if m["role"] != expected:
             raise DataError("bad role order", f"conversations[{i}] has role {m['role']!r}, expected {expected!r}")
@@ -68,24 +85,62 @@ def check_conversations(conversations, n_images):
         raise DataError("image count mismatch", f"{markers} {IMAGE_MARKER} marker(s) but {n_images} image(s)")
 
 
+# What fit_to_length did to a sample that was too long (recorded in SampleLog).
+CUT, CUT_IMAGES = "cut", "cut, images dropped"
+
+
+def fit_to_length(input_ids, labels, placeholder_id, run_length, max_length):
+    """Cut (input_ids, labels) to max_length -> (input_ids, labels, what), `what` None, CUT or CUT_IMAGES.
+
+    The cut goes before the first image run that does not end within max_length: an image whose run
+    is partly cut would be silently ignored by the model (a known pitfall of the original), so that
+    image and everything after it go (the caller keeps only the images whose runs remain). The tail
+    after the last trained token is dropped too: it teaches nothing. SampleTooLong if no answer
+    token is left.
+    """
+    if len(input_ids) <= max_length:
+        return input_ids, labels, None
+    cut, seen = max_length, 0
+    for i, t in enumerate(input_ids[:max_length + 1]):
+        if t == placeholder_id:
+            if seen % run_length == 0 and i + run_length > max_length:  # run `seen // run_length` starts here
+                cut = i
+                break
+            seen += 1
+    trained = [i for i, label in enumerate(labels[:cut]) if label != IGNORE_INDEX]
+    if not trained:
+        raise SampleTooLong("too long", f"{len(input_ids)} tokens, no answer token left within max_length "
+                                        f"{max_length}")
+    end = trained[-1] + 1
+    what = CUT_IMAGES if placeholder_id in input_ids[end:] else CUT
+    return input_ids[:end], labels[:end], what
+
+
 def encode_conversation(conversations, tokenizer, run_length, max_length):
     """Tokenize one conversation -> (input_ids, labels), two equally long lists of ints, by the same
-    road inference takes (`prompt.encode_chat`), then cut to max_length without cutting an image."""
+    road inference takes (`prompt.encode_chat`), then cut to max_length (`fit_to_length`)."""
     input_ids, labels = encode_chat(tokenizer, conversations, run_length)
-    if len(input_ids) <= max_length:
-        return input_ids, labels
+    return fit_to_length(input_ids, labels, tokenizer.placeholder_id, run_length, max_length)[:2]
 
-    # Too long: cut the tail, but only after the last placeholder run: an image whose run is
-    # partly cut would be silently ignored by the model (a known pitfall of the original).
-    pid = tokenizer.placeholder_id
-    last_run_end = max((i + 1 for i, t in enumerate(input_ids) if t == pid), default=0)
-    if last_run_end > max_length:
-        raise SampleTooLong("too long", f"{len(input_ids)} tokens and an image run ends at token "
-                                        f"{last_run_end} > max_length {max_length}")
-    input_ids, labels = input_ids[:max_length], labels[:max_length]
-    if all(t == IGNORE_INDEX for t in labels):
-        raise SampleTooLong("too long", f"no answer token left within max_length {max_length}")
-    return input_ids, labels
+
+def build_sample(conversations, images, tokenizer, run_length, max_length, image_size):
+    """-> (sample dict, what fit_to_length did). `images` is a list of PIL images or of zero-argument
+    functions returning one: images cut away by max_length are then never decoded."""
+    check_conversations(conversations, len(images))
+    input_ids, labels = encode_chat(tokenizer, conversations, run_length)
+    input_ids, labels, what = fit_to_length(input_ids, labels, tokenizer.placeholder_id, run_length, max_length)
+    kept = images[:input_ids.count(tokenizer.placeholder_id) // run_length]
+    kept = [im() if callable(im) else im for im in kept]
+    if kept:
+        pixel_values = torch.stack([preprocess_image(im, image_size) for im in kept])  # (N, 3, S, S)
+    else:
+        pixel_values = torch.zeros(0, 3, image_size, image_size)  # text-only sample
+    sample = {
+        "input_ids": torch.tensor(input_ids, dtype=torch.long),  # (T,)
+        "labels": torch.tensor(labels, dtype=torch.long),  # (T,)
+        "pixel_values": pixel_values,
+    }
+    return sample, what
 
 
 def make_sample(conversations, images, tokenizer, run_length=196, max_length=640, image_size=224):
@@ -93,17 +148,63 @@ def make_sample(conversations, images, tokenizer, run_length=196, max_length=640
 
     Shared by VLMDataset and by code that makes samples on the fly (e.g. synthetic data).
     """
-    check_conversations(conversations, len(images))
-    input_ids, labels = encode_conversation(conversations, tokenizer, run_length, max_length)
-    if images:
-        pixel_values = torch.stack([preprocess_image(im, image_size) for im in images])  # (N, 3, S, S)
-    else:
-        pixel_values = torch.zeros(0, 3, image_size, image_size)  # text-only sample
-    return {
-        "input_ids": torch.tensor(input_ids, dtype=torch.long),  # (T,)
-        "labels": torch.tensor(labels, dtype=torch.long),  # (T,)
-        "pixel_values": pixel_values,
-    }
+    return build_sample(conversations, images, tokenizer, run_length, max_length, image_size)[0]
+
+
+class SampleLog:
+    """What happened to each sample of a dataset, one byte per sample in shared memory.
+
+    DataLoader workers are separate processes: a Python dict filled in a worker never reaches the main
+    process (so "skipped 0" was printed). A tensor moved to shared memory is the same memory in every
+    worker, whether they are forked or spawned (torch's multiprocessing passes it by handle), so each
+    process writes the bytes of the samples it loaded and the main process reads exact counts for any
+    number of workers. A sample met again in a later epoch still counts once; 2.9M rows cost 2.9 MB.
+    Byte 0 = fine (or not loaded yet); otherwise an index into NAMES, a fixed table (a name added in one
+    worker could not reach the other processes); reasons not in it count as "other".
+    """
+
+    NAMES = ("", CUT, CUT_IMAGES, "too long", "invalid JSON", "bad conversations", "bad role order",
+             "unknown role", "tool calls", "image count mismatch", "bad image field", "missing image",
+             "unreadable image", "bad row", "other")
+
+    def __init__(self, n):
+        self.status = torch.zeros(n, dtype=torch.uint8).share_memory_()
+
+    def mark(self, idx, name):
+        names = self.NAMES
+        self.status[idx] = names.index(name) if name in names else names.index("other")
+
+    def counts(self) -> Counter:
+        """name -> number of samples, names in order of their first sample."""
+        codes = self.status.numpy()
+        codes = codes[codes.nonzero()[0]]  # in sample order
+        found, first, n = np.unique(codes, return_index=True, return_counts=True)
+        order = np.argsort(first, kind="stable")
+        return Counter({self.NAMES[int(found[k])]: int(n[k]) for k in order})
+
+
+def summary_line(counts: Counter, n_samples: int, max_length: int) -> str:
+    """e.g. 'skipped 3 bad samples of 1000 (2 missing image, 1 too long); cut 5 to max_length 640 (2 of them
+    lost images)'. The skipped ones were replaced by other samples; the cut ones trained on what was left."""
+    cut, cut_images = counts.pop(CUT, 0), counts.pop(CUT_IMAGES, 0)
+    line = f"skipped {sum(counts.values())} bad samples of {n_samples}"
+    if counts:
+        line += " (" + ", ".join(f"{n} {reason}" for reason, n in counts.most_common()) + ")"
+    if cut or cut_images:
+        line += f"; cut {cut + cut_images} to max_length {max_length}"
+        line += f" ({cut_images} of them lost images)" if cut_images else ""
+    return line
+
+
+def data_summary(dataset):
+    """The one-line summary of a VLMDataset or a ConcatDataset of them (several files); None for other
+    datasets (synthetic data has nothing to skip)."""
+    parts = getattr(dataset, "datasets", [dataset])
+    parts = [d for d in parts if isinstance(d, VLMDataset)]
+    if not parts:
+        return None
+    counts = sum((d.log.counts() for d in parts), Counter())
+    return summary_line(counts, sum(len(d) for d in parts), parts[0].max_length)
 
 
 def _image_names(field):
@@ -118,12 +219,19 @@ def _image_names(field):
 
 
 class VLMDataset(Dataset):
-    """A MiniMind-V jsonl file as a map-style dataset of `make_sample` dicts.
+    """A MiniMind-V jsonl file as a map-style dataset of `make_sample` dicts; a path ending in .parquet
+    gives a `parquet.ParquetVLMDataset` instead (same arguments, no images_dir or image_loader).
 
     The file is indexed by byte offsets at construction (no JSON parsing, so 595K lines take about
     a second) and each line is parsed only when asked for. `image_loader(path) -> PIL.Image` can
     be replaced, e.g. to read images from somewhere else.
     """
+
+    def __new__(cls, path=None, *args, **kwargs):
+        if cls is VLMDataset and path is not None and os.fspath(path).endswith(".parquet"):
+            from .parquet import ParquetVLMDataset  # imports pyarrow, which jsonl users need not install
+            cls = ParquetVLMDataset
+        return super().__new__(cls)
 
     def __init__(self, jsonl_path, *, tokenizer, images_dir=None, max_length=640, run_length=196,
                  image_size=224, skip_bad=False, image_loader=load_image):
@@ -144,7 +252,7 @@ class VLMDataset(Dataset):
         # Python int touches its refcount, which copies the memory page into every worker).
         self.offsets = np.array(offsets, dtype=np.int64)
         self.line_numbers = np.array(line_numbers, dtype=np.int64)
-        self.bad = {}  # line number -> reason, for the samples skipped so far (in this process)
+        self.log = SampleLog(len(self))  # why samples were skipped or cut, shared with the workers
         self.question_first = self._question_first()
 
     def _question_first(self):
@@ -155,45 +263,47 @@ class VLMDataset(Dataset):
         with open(self.path, "rb") as f:
             f.seek(int(self.offsets[0]))
             try:
-                user = json.loads(f.readline())["conversations"]
-                user = next(m["content"] for m in user if m["role"] == "user")
+                return asks_first(json.loads(f.readline())["conversations"])
             except (ValueError, KeyError, TypeError, StopIteration):
                 return False  # a bad first line is reported when it is loaded
-        return IMAGE_MARKER in user and not user.lstrip().startswith(IMAGE_MARKER)
 
     def __len__(self):
         return len(self.offsets)
 
     def __getitem__(self, idx):
-        if not self.skip_bad:
-            return self._load(idx)
-        for k in range(len(self)):  # deterministic: the next good sample, wrapping around
+        """Sample idx; a skipped one (too long, or bad under skip_bad) is replaced by the next good one,
+        wrapping around, so the replacement is deterministic (exact resume depends on it)."""
+        for k in range(len(self)):
             j = (idx + k) % len(self)
             try:
-                return self._load(j)
+                sample, what = self._load(j)
             except DataError as e:
-                self.bad[int(self.line_numbers[j])] = e.reason
-        raise DataError("no good sample", f"{self.path}: every one of the {len(self)} samples is bad")
+                if not (self.skip_bad or isinstance(e, SampleTooLong)):
+                    raise
+                self.log.mark(j, e.reason)
+                continue
+            if what:
+                self.log.mark(j, what)
+            return sample
+        raise DataError("no good sample", f"{self.path}: every one of the {len(self)} samples is bad or too "
+                                          f"long ({self.bad_summary()})")
 
     def _load(self, idx):
+        """-> (sample, what fit_to_length did); DataError located at the file and line."""
         line_no = int(self.line_numbers[idx])
         try:
             with open(self.path, "rb") as f:
                 f.seek(int(self.offsets[idx]))
                 line = f.readline()
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:  # json's own "line 1" would be confusing here
-                raise DataError("invalid JSON", f"{e.msg} at character {e.pos}") from None
-            except UnicodeDecodeError as e:
-                raise DataError("invalid JSON", f"not UTF-8 ({e.reason} at byte {e.start})") from None
+            record = parse_json(line)
             if not isinstance(record, dict) or "conversations" not in record:
                 raise DataError("bad conversations", "no 'conversations' field")
+            if any(record.get(key) for key in TOOL_KEYS):
+                raise DataError("tool calls", "tool and function calls are not supported")
             names = _image_names(record.get("image"))
-            check_conversations(record["conversations"], len(names))  # before the costly image loads
-            images = [self._load_image(name) for name in names]
-            return make_sample(record["conversations"], images, self.tokenizer, self.run_length,
-                               self.max_length, self.image_size)
+            images = [lambda name=name: self._load_image(name) for name in names]  # loaded only if kept
+            return build_sample(record["conversations"], images, self.tokenizer, self.run_length,
+                                self.max_length, self.image_size)
         except DataError as e:
             raise type(e)(e.reason, e.detail, where=f"{self.path}:{line_no}: ") from None
 
@@ -206,12 +316,25 @@ class VLMDataset(Dataset):
             raise DataError(reason, str(e)) from None
 
     def bad_summary(self):
-        """One line, e.g. 'skipped 3 bad samples of 1000 (2 missing image, 1 invalid JSON)'."""
-        line = f"skipped {len(self.bad)} bad samples of {len(self)}"
-        if self.bad:
-            counts = Counter(self.bad.values()).most_common()
-            line += " (" + ", ".join(f"{n} {reason}" for reason, n in counts) + ")"
-        return line
+        """One line, e.g. 'skipped 3 bad samples of 1000 (2 missing image, 1 invalid JSON)', plus
+        '; cut 5 to max_length 640 (2 of them lost images)' when samples were cut. Exact with DataLoader workers."""
+        return summary_line(self.log.counts(), len(self), self.max_length)
+
+
+def parse_json(text):
+    """json.loads with DataErrors (json's own "line 1" would be confusing inside a file of many)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError("invalid JSON", f"{e.msg} at character {e.pos}") from None
+    except UnicodeDecodeError as e:
+        raise DataError("invalid JSON", f"not UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def asks_first(conversations):
+    """True if the first user turn holds an image marker but does not start with one."""
+    user = next(m["content"] for m in conversations if m["role"] == "user")
+    return IMAGE_MARKER in user and not user.lstrip().startswith(IMAGE_MARKER)
 
 
 def collate_vlm(batch, pad_id=0):
@@ -243,3 +366,10 @@ def collate_vlm(batch, pad_id=0):
         out["pixel_values"][b, :n] = s["pixel_values"]
         out["image_counts"][b] = n
     return out
+
+
+if __name__ == "__main__":  # python -m minivlm.data stats|preview FILE (see datatool.py)
+    import sys
+
+    from minivlm.datatool import main
+    sys.exit(main())

@@ -36,11 +36,19 @@ def read_questions(jsonl_path, images_dir=None):
             except (json.JSONDecodeError, KeyError, IndexError, TypeError, AssertionError):
                 raise DataError(f"{jsonl_path}:{line_no}: not an eval line (needs conversations ending "
                                  f"with a user question and the reference answer)") from None
-            names = _image_names(rec.get("image"))
+            qtype, n_objects = rec.get("qtype", "all"), rec.get("n_objects", 0)
+            if not isinstance(user["content"], str) or not isinstance(ref["content"], str):
+                raise DataError(f"{jsonl_path}:{line_no}: the question and the answer must be strings")
+            if not isinstance(qtype, str) or not isinstance(n_objects, int) or isinstance(n_objects, bool):
+                raise DataError(f"{jsonl_path}:{line_no}: 'qtype' must be a string and 'n_objects' an integer")
+            try:
+                names = _image_names(rec.get("image"))
+            except DataError as e:
+                raise DataError(f"{jsonl_path}:{line_no}: {e}") from None
             images = [load_image(os.path.join(images_dir, n)) for n in names]
             question = user["content"]  # asked exactly as written, <image> markers where they stand
             yield {"images": images, "question": question, "answer": ref["content"], "line": line_no,
-                   "qtype": rec.get("qtype", "all"), "n_objects": rec.get("n_objects", 0)}
+                   "qtype": qtype, "n_objects": n_objects}
 
 
 def evaluate(model, tokenizer, jsonl_path, images_dir=None, batch_size=32, limit=None, max_new_tokens=64,
@@ -49,8 +57,13 @@ def evaluate(model, tokenizer, jsonl_path, images_dir=None, batch_size=32, limit
     from scoring.score. Questions are read batch by batch, so a large file never sits in memory.
     Questions without `<image>` markers get them before (or, question_first, after) the question."""
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
-    with open(jsonl_path, encoding="utf-8") as f:
-        total = sum(1 for line in f if line.strip())
+    try:
+        with open(jsonl_path, encoding="utf-8") as f:
+            total = sum(1 for line in f if line.strip())
+    except UnicodeDecodeError as e:
+        raise DataError(f"{jsonl_path}: not UTF-8 text ({e.reason} at byte {e.start} of a line)") from None
+    if total == 0:
+        raise DataError(f"{jsonl_path}: no questions in the file (it is empty)")
     total = total if limit is None else min(total, limit)
     questions = itertools.islice(read_questions(jsonl_path, images_dir), total)
     records, bar = [], Progress(total, "  scored", stream=sys.stdout, quiet=not progress)

@@ -1,23 +1,25 @@
 """What `eval_vlm.py` does: load a model, then describe images, chat, or score a question file.
 
-Every user mistake (a missing file, an empty folder, a corrupt image, weights that do not fit, a
-tokenizer without ChatML's special tokens) ends in one line naming the culprit and exit code 2.
-One broken image among many is reported and the others still run.
+Every user mistake (a missing file, an empty folder, a corrupt or oversized image, weights that do not
+fit or hold NaN, a tokenizer without ChatML's special tokens, a malformed question file, an unusable
+--device) ends in one line naming the culprit and exit code 2; sampling flags out of range are refused
+by argparse. One broken image among many is reported and the others still run.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
 from .checkpoint import check_tokenizer, load_vlm, read_meta
-from .common import DTYPES, resolve_device
+from .common import DTYPES, UserError, positive_int, resolve_device
 from .data import DataError
 from .evaluate import evaluate, report
 from .generate import SamplingConfig, encode_batch, stream
 from .processing import ImageLoadError, load_image
-from .prompt import PromptError, user_turn
+from .prompt import IMAGE_MARKER, PromptError, user_turn
 from .tokenizer import Tokenizer
 from .weights import WeightsError
 
@@ -27,8 +29,20 @@ SAMPLES_DIR = os.path.join(DEMO_DIR, "samples")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-class UserError(Exception):
-    """A problem with what the user asked for; printed as one line, exit code 2."""
+def number(low=None, high=None, low_open=False, integer=False):
+    """An argparse type: a finite number in [low, high] (low excluded when low_open); argparse turns a
+    refusal into one usage error naming the flag."""
+    def parse(text):
+        value = int(text) if integer else float(text)
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        if low is not None and (value < low or (low_open and value == low)):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if low_open else '>='} {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text} must be <= {high}")
+        return value
+    parse.__name__ = "integer" if integer else "number"  # argparse names it: "invalid number value: 'x'"
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,13 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--chat", action="store_true", help="interactive multi-turn conversation about the (first) image")
     a("--eval", metavar="JSONL", default=None, help="score a held-out question file (MiniMind-V jsonl with "
                                                     "reference answers; qtype/n_objects fields for breakdowns)")
-    a("--limit", type=int, default=None, help="with --eval: only the first N questions")
-    a("--batch-size", type=int, default=32, help="with --eval: questions answered per batch")
-    a("--max-new-tokens", type=int, default=128, help="answer length limit in tokens")
-    a("--temperature", type=float, default=0.0, help="0 = greedy; higher = more random")
-    a("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1 = off)")
-    a("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
-    a("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
+    a("--limit", type=positive_int, default=None, help="with --eval: only the first N questions")
+    a("--batch-size", type=positive_int, default=32, help="with --eval: questions answered per batch")
+    a("--max-new-tokens", type=positive_int, default=128, help="answer length limit in tokens")
+    a("--temperature", type=number(low=0), default=0.0, help="0 = greedy; higher = more random")
+    a("--top-p", type=number(low=0, high=1, low_open=True), default=1.0, help="nucleus sampling threshold (1 = off)")
+    a("--top-k", type=number(low=0, integer=True), default=0, help="sample among the k most likely tokens (0 = off)")
+    a("--repetition-penalty", type=number(low=0, low_open=True), default=1.0, help="> 1 discourages repeating tokens")
     a("--seed", type=int, default=0, help="seed for sampling")
     a("--device", default=None, help="cpu, cuda, … (default: cuda if available)")
     a("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype for inference")
@@ -90,7 +104,7 @@ def load_model(args):
         raise UserError(str(e)) from None
     overrides = {"num_attention_heads": args.num_heads} if args.num_heads else {}
     model = load_vlm(args.weights, vision=args.vision, **overrides)
-    check_tokenizer(model, tokenizer, tok_path)
+    check_tokenizer(model, tokenizer, tok_path, read_meta(args.weights).get("tokenizer_vocab_size"))
     device = resolve_device(args.device)
     return model.to(device=device, dtype=DTYPES[args.dtype]).eval(), tokenizer, device
 
@@ -140,21 +154,7 @@ def run(args) -> int:
 
     if args.chat:
         name, image = loaded[0]
-        print(f"[chat about {name}; an empty line or Ctrl-D ends]")
-        messages, first = [], True
-        while True:
-            try:
-                question = input("you> ").strip()
-            except EOFError:
-                break
-            if not question:
-                break
-            content = user_turn(question, 1, args.question_first) if first else question
-            messages.append({"role": "user", "content": content})
-            print("vlm> ", end="", flush=True)
-            messages.append({"role": "assistant", "content": ask(model, tokenizer, [image], messages, cfg)})
-            first = False
-        return 0
+        return chat(model, tokenizer, name, image, args.question_first, cfg)
 
     groups = [loaded] if args.multi else [[item] for item in loaded]
     for group in groups:
@@ -162,6 +162,34 @@ def run(args) -> int:
         content = user_turn(args.prompt, len(group), args.question_first)
         print("vlm> ", end="", flush=True)
         ask(model, tokenizer, [im for _, im in group], [{"role": "user", "content": content}], cfg)
+    return 0
+
+
+def chat(model, tokenizer, name, image, question_first, cfg) -> int:
+    """A conversation about one image, one question per line of stdin; an empty line or end of input ends it."""
+    print(f"[chat about {name}; an empty line or Ctrl-D ends]")
+    if sys.stdin is None or sys.stdin.closed:  # started with stdin closed (`0<&-`): nothing to read
+        return 0
+    messages = []
+    while True:
+        try:
+            question = input("you> ").strip()
+        except EOFError:
+            break
+        if not question:
+            break
+        if messages and IMAGE_MARKER in question:  # the image is placed once, in the first turn
+            print(f"(the image is already in this conversation; {IMAGE_MARKER} can only be typed in the "
+                  f"first question: ask again without it)")
+            continue
+        try:
+            content = question if messages else user_turn(question, 1, question_first)
+        except PromptError as e:  # e.g. two <image> markers for the one image
+            print(f"({e}; ask again)")
+            continue
+        messages.append({"role": "user", "content": content})
+        print("vlm> ", end="", flush=True)
+        messages.append({"role": "assistant", "content": ask(model, tokenizer, [image], messages, cfg)})
     return 0
 
 

@@ -7,7 +7,7 @@
       -> RMSNorm -> lm_head (tied to embed_tokens) --> logits (B, T, 6400)
 
 Parameter names are those of MiniMind's 2025-04 checkpoints (which are Llama's names), so
-`MiniMindLM(cfg).load_state_dict(torch.load("...pth"))` works and gives the same logits as Llama.
+`MiniMindLM(cfg).load_state_dict(torch.load("...pth", weights_only=True))` works and gives the same logits as Llama.
 """
 
 from __future__ import annotations

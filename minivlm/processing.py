@@ -8,11 +8,18 @@ prepare ours identically:
 
 Everything here is pillow + numpy, so results match the reference ``CLIPImageProcessor`` (which also
 resizes with pillow on 8-bit pixels) to about 1e-6.
+
+Two guards keep a hostile file from taking the machine down: `load_image` refuses images of more than
+MAX_IMAGE_PIXELS pixels before decoding them, and an extremely thin image (1 x 40000) is not resized to
+millions of pixels only to throw all but 224 rows away: it is resized through a box that covers just
+the part the centre crop keeps (see `resize_and_crop`).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import warnings
 
 import numpy as np
 import torch
@@ -21,22 +28,47 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# The most pixels `load_image` decodes: 100 MP (8-bit RGB: 300 MB). A 48 MP phone photo loads; a
+# 15000 x 15000 "decompression bomb" (a few KB of PNG that decodes to gigabytes) is refused up front.
+# Raise it (minivlm.processing.MAX_IMAGE_PIXELS = ...) for genuinely larger images.
+MAX_IMAGE_PIXELS = 100_000_000
+
+# Aspect ratios up to this are resized whole and then cropped, exactly as CLIP's reference does;
+# beyond it only the part that survives the crop is resized (same pixels, see `resize_and_crop`).
+MAX_PLAIN_ASPECT = 8
+
 
 class ImageLoadError(ValueError):
     """An image file could not be read; the message names the file."""
 
 
+def too_large(path, pixels) -> ImageLoadError:
+    return ImageLoadError(f"{path}: {pixels:,} pixels is more than MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS:,} "
+                          f"(minivlm.processing); refusing to decode it")
+
+
 def load_image(path) -> Image.Image:
-    """Open an image file fully (not lazily), apply its EXIF orientation, return it in RGB."""
+    """Open an image file fully (not lazily), apply its EXIF orientation, return it in RGB.
+    Any unreadable or oversized file is an ImageLoadError naming it."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ImageLoadError(f"{path}: image file not found")
     try:
-        with Image.open(path) as im:
-            im.load()  # force decoding now, so truncated files fail here and not later
-            im = ImageOps.exif_transpose(im)  # phone photos store "rotate me" in EXIF
-            return to_rgb(im)
+        with warnings.catch_warnings():
+            # Pillow warns above its own limit; ours (checked below, before decoding) decides instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:  # reads the header only
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise too_large(path, im.width * im.height)
+                im.load()  # force decoding now, so truncated files fail here and not later
+                im = ImageOps.exif_transpose(im)  # phone photos store "rotate me" in EXIF
+                return to_rgb(im)
+    except Image.DecompressionBombError as e:  # past Pillow's hard limit: raised by Image.open itself
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        raise too_large(path, int(m.group(1))) if m else ImageLoadError(f"{path}: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, ImageLoadError):
+            raise
         raise ImageLoadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
 
@@ -60,12 +92,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def resize_shortest_side(image: Image.Image, size: int) -> Image.Image:
-    w, h = image.size
+def resized_size(w: int, h: int, size: int) -> tuple[int, int]:
+    """The size after resizing the shortest side to `size` (the long side truncated, like the reference)."""
     short, long = (w, h) if w <= h else (h, w)
-    new_long = int(size * long / short)  # truncated, like the reference
-    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
-    if (new_w, new_h) == (w, h):
+    new_long = int(size * long / short)
+    return (size, new_long) if w <= h else (new_long, size)
+
+
+def resize_shortest_side(image: Image.Image, size: int) -> Image.Image:
+    new_w, new_h = resized_size(*image.size, size)
+    if (new_w, new_h) == image.size:
         return image
     return image.resize((new_w, new_h), resample=Image.BICUBIC, reducing_gap=None)
 
@@ -76,11 +112,33 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+def resize_and_crop(image: Image.Image, size: int, plain_aspect: float = MAX_PLAIN_ASPECT) -> Image.Image:
+    """Resize the shortest side to `size` (bicubic), then centre-crop `size` x `size`.
+
+    Up to an aspect ratio of `plain_aspect` this is literally resize, then crop: CLIP's reference,
+    bit for bit. A 1 x 40000 strip would first become 224 x 8,960,000 pixels (6 GB), so beyond that
+    ratio Pillow is asked for the crop only: a resize through a `box` with the scale of the full
+    resize. Pillow then computes just the kept rows and columns (still reading the source pixels the
+    bicubic kernel needs around the box), so memory stays about that of the source image. It is not
+    bit-identical to resize-then-crop: Pillow takes the box in float32 and may run the two passes in
+    the other order, which moves a pixel by a few levels of 255 on smooth images (more on pure noise;
+    tests/test_reliability.py measures it). Such images are far from CLIP's training data anyway.
+    """
+    w, h = image.size
+    new_w, new_h = resized_size(w, h, size)
+    if max(w, h) <= plain_aspect * min(w, h) or (new_w, new_h) == (w, h):
+        return center_crop(resize_shortest_side(image, size), size)
+    sx, sy = w / new_w, h / new_h  # source pixels per output pixel, as in the full resize
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    box = (left * sx, top * sy, min(w, (left + size) * sx), min(h, (top + size) * sy))
+    return image.resize((size, size), resample=Image.BICUBIC, box=box, reducing_gap=None)
+
+
 def preprocess_image(image: Image.Image, size: int = 224, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     """A PIL image of any mode and size -> normalised FloatTensor[3, size, size]."""
     if not isinstance(image, Image.Image):
         raise TypeError(f"preprocess_image expects a PIL image, got {type(image).__name__}")
-    image = center_crop(resize_shortest_side(to_rgb(image), size), size)
+    image = resize_and_crop(to_rgb(image), size)
     x = np.asarray(image, dtype=np.float32) / np.float32(255.0)  # (size, size, 3) in [0, 1]
     x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # (3, size, size)

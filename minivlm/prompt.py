@@ -74,9 +74,11 @@ def user_turn(question: str, n_images: int, question_first: bool = False) -> str
 def chat_pieces(messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
     """The rendered chat as a list of (text, trained) pieces; ''.join(texts) == render_chat(...).
 
-    `trained` is True exactly for each assistant answer plus the `<|im_end|>` that closes it: the
-    model must learn to say the answer and then to stop. The header `<|im_start|>assistant\\n` is
-    its own piece because at inference the prompt ends there and the answer starts a new token.
+    `trained` is True exactly for each assistant answer, the `<|im_end|>` that closes it and the "\\n"
+    after that: the model must learn to say the answer and then to stop, and MiniMind-V (both versions)
+    labels `<|im_end|>\\n`, so minivlm does too. The header `<|im_start|>assistant\\n` is its own
+    untrained piece because at inference the prompt ends there and the answer starts a new token; the
+    trailing "\\n" is its own piece too, so the ids equal those of encoding the whole text at once.
     Contents are used as given: `encode_chat` expands the images first.
     """
     pieces = []
@@ -85,7 +87,7 @@ def chat_pieces(messages: list[dict], add_generation_prompt: bool = False) -> li
     for m in messages:
         role, content = m["role"], m["content"]
         if role == "assistant":
-            pieces += [(f"{BOS_TOKEN}assistant\n", False), (content + EOS_TOKEN, True), ("\n", False)]
+            pieces += [(f"{BOS_TOKEN}assistant\n", False), (content + EOS_TOKEN, True), ("\n", True)]
         else:
             pieces.append((f"{BOS_TOKEN}{role}\n{content}{EOS_TOKEN}\n", False))
     if add_generation_prompt:

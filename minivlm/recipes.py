@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from .common import UserError, positive_int
+
 # Defaults per (stage, preset family). "real": MiniMind-V's published recipe (AdamW, lr 4e-4 for the
 # projector in pretraining, ~2e-5 in SFT, batch 16, max length 640 / 1536). "tiny": the offline CPU recipe.
 RECIPES = {
@@ -38,7 +40,9 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
           "recipe on real data; tiny: the offline CPU recipe on the synthetic world).")
     a = p.add_argument
     a("--preset", default="26m", choices=["26m", "104m", "26m-moe", "tiny"], help="model size")
-    a("--data", default=None, help="MiniMind-V jsonl file, or 'synthetic' to render shapes scenes on the fly")
+    a("--data", default=None, nargs="+", metavar="FILE",
+      help="MiniMind-V data: .jsonl files (images in --images) and/or .parquet files (pretrain_i2t.parquet, "
+           "sft_i2t.parquet: images inside), or 'synthetic' to render shapes scenes on the fly")
     a("--images", default=None, help="image folder of --data (default: the jsonl's folder)")
     a("--tokenizer", default=None, help="tokenizer.json or a folder holding it (default: --out/tokenizer.json)")
     a("--vision", default=None, help="Hugging Face CLIP folder (e.g. clip-vit-base-patch16); without it the "
@@ -53,17 +57,23 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     a("--train-vision", action=argparse.BooleanOptionalAction, default=None,
       help="train the vision tower too (the tiny recipe does: it has no pretrained CLIP)")
     a("--vision-lr", type=float, default=None, help="learning rate of the vision tower (default: --lr)")
-    a("--epochs", type=int, default=None, help="passes over the data")
-    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (budget in steps)")
-    a("--batch-size", type=int, default=None, help="samples per micro-batch per process")
-    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--epochs", type=positive_int, default=None, help="passes over the data")
+    a("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps (budget in steps)")
+    a("--batch-size", type=positive_int, default=None, help="samples per micro-batch per process")
+    a("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
     a("--lr", type=float, default=None, help="peak learning rate")
     a("--warmup-steps", type=int, default=None, help="linear warm-up steps before the cosine decay")
     a("--min-lr-ratio", type=float, default=0.1, help="the cosine decays to lr * this")
     a("--weight-decay", type=float, default=0.01, help="AdamW weight decay (never on norms and biases)")
     a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
-    a("--max-length", type=int, default=None, help="tokens per sample; longer ones are cut after the last image")
-    a("--skip-bad", action="store_true", help="skip (and count) bad samples instead of stopping at the first")
+    a("--max-length", type=int, default=None, help="tokens per sample; a longer one is cut before the first image run that does not fit "
+                                                     "(that image and all after it dropped), or skipped and counted "
+                                                     "when no answer token would be left")
+    a("--dropout", type=float, default=None,
+      help="dropout in the decoder while training (default: the preset's, 0; SFT: the initial checkpoint's)")
+    a("--skip-bad", action="store_true",
+      help="skip (and count) bad samples instead of stopping at the first; samples with no answer token "
+           "left within --max-length are always skipped and counted")
     a("--synthetic-samples", type=int, default=None, help="with --data synthetic: samples per epoch")
     a("--describe-weight", type=float, default=0.2,
       help="with --data synthetic (SFT): odds of a 'describe' question relative to each other question type")
@@ -75,8 +85,8 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     a("--threads", type=int, default=None,
       help="torch CPU threads (default: torch's choice); 1 is much faster on a CPU shared with other jobs")
     a("--seed", type=int, default=0, help="seed of initialisation, shuffling and synthetic data")
-    a("--log-every", type=int, default=20, help="log every N optimizer steps")
-    a("--save-every", type=int, default=500, help="save a checkpoint every N optimizer steps (and at the end)")
+    a("--log-every", type=positive_int, default=20, help="log every N optimizer steps")
+    a("--save-every", type=positive_int, default=500, help="save a checkpoint every N optimizer steps (and at the end)")
     a("--resume", action="store_true", help="continue from --out's resume state, exactly")
     a("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill at step k
     return p
@@ -91,7 +101,7 @@ def resolve(stage: str, args) -> argparse.Namespace:
     if args.vision_lr is None:
         args.vision_lr = args.lr
     if args.data is None:
-        raise SystemExit(f"error: --data is required for preset {args.preset} (a MiniMind-V jsonl file)")
+        raise UserError(f"--data is required for preset {args.preset} (a MiniMind-V jsonl file)")
     if args.tokenizer is None:
         args.tokenizer = os.path.join(args.out, "tokenizer.json")
     return args

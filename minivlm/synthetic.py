@@ -1,7 +1,7 @@
 """
 The shapes world on disk and on the fly: what minivlm trains and is scored on offline.
 
-    write_dataset()        a MiniMind-V dataset: jsonl files + PNG images, reproducible from a seed
+    write_dataset()        a MiniMind-V dataset: jsonl files + PNG images (or parquet), reproducible from a seed
     preview_grid()         a grid of sample images and their captions, to look at
     SyntheticVLMDataset    fresh examples rendered per index, the same as the files hold; nothing stored
     main()                 python -m minivlm.synthetic --out DIR [--train N --test N --seed S --preview PNG]
@@ -10,6 +10,7 @@ The world itself (scenes, pixels, captions, questions) is shapes.py; scoring ans
 """
 
 import argparse
+import io
 import json
 import os
 import random
@@ -28,8 +29,9 @@ from minivlm.shapes import (CELLS, COLOUR_NAMES, SHAPES, VERSION, caption, conve
 # 1. Files on disk
 
 def write_dataset(out_dir, n_train, n_test, seed=0, size=96, n_multi_train=None,
-                  n_multi_test=None, quiet=True):
-    """Write a complete shapes dataset in MiniMind-V jsonl format.
+                  n_multi_test=None, quiet=True, format="jsonl"):
+    """Write a complete shapes dataset in MiniMind-V jsonl format; format="parquet" writes the three training
+    files as parquet with their images inside (no train_* PNGs); test files stay jsonl, which scoring reads.
 
     out_dir/
       images/train_000001.png ...      one image per training scene
@@ -56,13 +58,16 @@ def write_dataset(out_dir, n_train, n_test, seed=0, size=96, n_multi_train=None,
     def save(img, name):
         # PNG compression dominates the cost of writing; level 1 is twice as fast
         # as the default and only ~10% larger (the noise does not compress anyway).
+        if format == "parquet" and name.startswith("train"):
+            buf = io.BytesIO()  # the image goes inside the parquet row
+            img.save(buf, format="PNG", compress_level=1)
+            return buf.getvalue()
         img.save(os.path.join(img_dir, name), compress_level=1)
         return "images/" + name
 
     def write_lines(path, records):
-        with open(os.path.join(out_dir, path), "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        path = path.replace(".jsonl", ".parquet") if format == "parquet" and not path.startswith("test") else path
+        _write_records(os.path.join(out_dir, path), records)
         counts[path] = len(records)
 
     # single-image splits: the same image serves pretrain (caption) and sft (questions)
@@ -87,7 +92,7 @@ def write_dataset(out_dir, n_train, n_test, seed=0, size=96, n_multi_train=None,
             images, samples = make_example("multi", seed, split, i, size)
             paths = [save(img, f"{split}_pair_{i:06d}_{ab}.png") for img, ab in zip(images, "ab")]
             for s in samples:
-                out.append({**s, "image": ", ".join(paths)})
+                out.append({**s, "image": paths if format == "parquet" and split == "train" else ", ".join(paths)})
             done += 2
             progress.update(done)
 
@@ -103,6 +108,18 @@ def write_dataset(out_dir, n_train, n_test, seed=0, size=96, n_multi_train=None,
     with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
     return meta
+
+
+def _write_records(path, records):
+    """jsonl (image paths) or, for a .parquet path, MiniMind-V parquet (record["image"]: bytes or a list)."""
+    if path.endswith(".parquet"):
+        from minivlm.parquet import write_parquet  # pyarrow only when asked for
+        write_parquet(path, [(r["conversations"], r["image"] if isinstance(r["image"], list) else [r["image"]])
+                             for r in records])
+        return
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 def preview_grid(seed=0, n=16, size=96, cols=4, pad=4):
@@ -200,6 +217,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files")
     p.add_argument("--size", type=int, default=96,
                    help="image side in pixels (96: each grid cell is exactly 2x2 ViT patches of 16 px)")
+    p.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl",
+                   help="training files as jsonl + PNG files, or as MiniMind-V parquet (images inside; "
+                        "the held-out test files stay jsonl)")
     p.add_argument("--preview", metavar="PNG",
                    help="also write a 4x4 grid of sample images to this file and print their captions")
     p.add_argument("--benchmark", action="store_true", help="print the rendering speed and exit")
@@ -220,7 +240,7 @@ def main(argv=None):
             p.error("--out is required (or use --preview / --benchmark alone)")
         return 0
     t0 = time.time()
-    meta = write_dataset(args.out, args.train, args.test, args.seed, args.size, quiet=args.quiet)
+    meta = write_dataset(args.out, args.train, args.test, args.seed, args.size, quiet=args.quiet, format=args.format)
     print(f"wrote {args.out} in {time.time() - t0:.1f}s: " +
           ", ".join(f"{k} {v}" for k, v in meta["lines"].items()))
     return 0

@@ -111,28 +111,39 @@ class Tokenizer:
 # Training
 
 
+def _samples(path):
+    """(where, parse) for every sample of a MiniMind-V jsonl or parquet file; parse() returns its
+    conversations (and raises on a malformed one, which the caller reports at `where`)."""
+    if os.fspath(path).endswith(".parquet"):
+        from .parquet import iter_rows  # pyarrow only when needed
+        for row, record in iter_rows(path, columns=["conversations"]):
+            c = record["conversations"]
+            yield f"{path}: row {row}", lambda c=c: json.loads(c) if isinstance(c, (str, bytes)) else c
+        return
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                yield f"{path}:{line_no}", lambda line=line: json.loads(line)["conversations"]
+
+
 def _training_texts(files):
-    """Stream the text of every message in MiniMind-V jsonl files, one string per message."""
+    """Stream the text of every message in MiniMind-V jsonl or parquet files, one string per message."""
     from .prompt import DEFAULT_SYSTEM_PROMPT, IMAGE_MARKER  # prompt.py builds on this module
     for path in files:
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    messages = json.loads(line)["conversations"]
-                    texts = [f"{m['role']}\n{m['content']}" for m in messages]
-                except (ValueError, KeyError, TypeError) as e:
-                    raise ValueError(f"{path}:{line_no}: not a MiniMind-V sample ({e})") from None
-                # Strip the image markers (they are not text) and every '@': with no '@' in the
-                # corpus, BPE never learns a merge involving it, so '@' stays one token forever.
-                for t in texts:
-                    yield t.replace(IMAGE_MARKER, "").replace(PLACEHOLDER, "")
+        for where, parse in _samples(path):
+            try:
+                texts = [f"{m['role']}\n{m['content']}" for m in parse()]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{where}: not a MiniMind-V sample ({e})") from None
+            # Strip the image markers (they are not text) and every '@': with no '@' in the
+            # corpus, BPE never learns a merge involving it, so '@' stays one token forever.
+            for t in texts:
+                yield t.replace(IMAGE_MARKER, "").replace(PLACEHOLDER, "")
         yield f"system\n{DEFAULT_SYSTEM_PROMPT}"  # the default system prompt is in every sample
 
 
 def train_tokenizer(files, vocab_size=6400, out_dir=None):
-    """Train a byte-level BPE on MiniMind-V jsonl files; returns a `Tokenizer` (saved if out_dir).
+    """Train a byte-level BPE on MiniMind-V jsonl or parquet files; returns a `Tokenizer` (saved if out_dir).
 
     A small corpus may support fewer merges than asked for: check `.vocab_size` afterwards.
     """
@@ -157,9 +168,9 @@ def train_tokenizer(files, vocab_size=6400, out_dir=None):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m minivlm.tokenizer", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a byte-level BPE tokenizer on MiniMind-V jsonl files")
+    train = sub.add_parser("train", help="train a byte-level BPE tokenizer on MiniMind-V jsonl or parquet files")
     train.add_argument("--data", nargs="+", required=True, metavar="JSONL",
-                       help="one or more MiniMind-V jsonl files; the text of every message is used")
+                       help="one or more MiniMind-V jsonl or parquet files; the text of every message is used")
     train.add_argument("--vocab-size", type=int, default=6400,
                        help="target vocabulary size incl. 3 special tokens and 256 bytes (default 6400)")
     train.add_argument("--out", required=True, metavar="DIR", help="folder to write tokenizer.json into")

@@ -8,13 +8,17 @@ The CLIP tower stays frozen in both unless --train-vision; the tiny offline reci
 no pretrained CLIP is available offline.
 
 The run is a sequence of named steps: `setup` (processes, device, dtype), `build` (tokenizer, model,
-data), `restore` (--resume), then the loop of `train_step`, `log_step` and `save`.
+data), `restore` (--resume), then the loop of `train_step`, `log_step` and `save` (`restore`, `save` and
+everything else about --out live in resume.py).
 
 What the loop guarantees:
   * one process or `torchrun --nproc_per_node N` (DDP; nccl on GPU, gloo on CPU), rank 0 logs/saves;
   * checkpoints written atomically (temp file + fsync + rename) every --save-every steps and at the end;
   * --resume continues exactly: same samples in the same order, same optimizer state, same RNG states,
-    so a run killed at step k and resumed ends with the same weights, bit for bit;
+    so a run killed at step k and resumed ends with the same weights, bit for bit (dropout included);
+    the resume state is plain data read with weights_only=True, and changed data/step flags are
+    refused (see resume.py);
+  * Ctrl-C or SIGTERM stops at the next step boundary after saving a resume point;
   * a non-finite loss stops the run without overwriting the last good checkpoint;
   * a log line every --log-every steps with throughput and ETA, mirrored to a CSV for plotting.
 """
@@ -26,7 +30,6 @@ import csv
 import functools
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 
@@ -35,21 +38,20 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import ConcatDataset, DataLoader, Sampler
 
-from .checkpoint import check_tokenizer, load_lm_weights, load_vlm, save_vlm
-from .common import (Progress, atomic_write, autocast, fmt_time, grad_scaler, one_line, peak_memory_mb, print0,
-                     resolve_device, resolve_dtype)
+from .checkpoint import check_tokenizer, load_lm_weights, load_vlm, read_meta
+from .common import (Progress, UserError, autocast, fmt_time, grad_scaler, one_line, peak_memory_mb,
+                     print0, resolve_device, resolve_dtype)
 from .config import vlm_preset
-from .data import DataError, VLMDataset, collate_vlm
+from .data import DataError, VLMDataset, collate_vlm, data_summary
 from .optim import lr_factor, make_optimizer, set_lr
 from .processing import ImageLoadError
 from .recipes import RECIPES, build_parser, resolve  # noqa: F401  (RECIPES: part of this module's API)
+from .resume import (CSV_FIELDS, Paths, Saver, StopRequest, check_out, checkpoint_name, ignore_signals,
+                     prepare_out, restore, save, stop_requested)
 from .tokenizer import Tokenizer
 from .vision import CLIPVisionModel
 from .vlm import MiniMindVLM
 from .weights import WeightsError
-
-CSV_FIELDS = ["epoch", "step", "total_steps", "loss", "lr", "samples_per_s", "tokens_per_s",
-              "elapsed_s", "eta_s", "peak_mem_mb"]
 
 
 class EpochSampler(Sampler):
@@ -105,10 +107,6 @@ def trainable_counts(model) -> dict:
     return counts
 
 
-def checkpoint_name(out, stage, cfg) -> str:
-    return os.path.join(out, f"{stage}_vlm_{cfg.lm.hidden_size}{'_moe' if cfg.lm.use_moe else ''}.pth")
-
-
 # ---------------------------------------------------------------------------------------------
 # Setup and build
 
@@ -141,14 +139,16 @@ def build_model(stage, args, tokenizer) -> MiniMindVLM:
     if stage == "sft":
         init = args.init or checkpoint_name(args.out, "pretrain", vlm_preset(args.preset))
         if not os.path.isfile(init):
-            raise SystemExit(f"error: {init}: no pretrain checkpoint to start SFT from (run train_pretrain.py, "
-                             f"or pass --init)")
-        model = load_vlm(init, vision=args.vision)
+            raise UserError(f"{init}: no pretrain checkpoint to start SFT from (run train_pretrain.py, "
+                            f"or pass --init)")
+        model = load_vlm(init, vision=args.vision, **({} if args.dropout is None else {"dropout": args.dropout}))
         print0(f"initialised from {init}")
     else:
         cfg = vlm_preset(args.preset)
         cfg.lm.vocab_size = tokenizer.vocab_size  # a tokenizer trained offline may have fewer tokens
         cfg.placeholder_id = tokenizer.placeholder_id
+        if args.dropout is not None:
+            cfg.lm.dropout = args.dropout
         vision = CLIPVisionModel.from_pretrained(args.vision) if args.vision else None
         if vision is not None:
             cfg.vision = vision.config
@@ -159,12 +159,15 @@ def build_model(stage, args, tokenizer) -> MiniMindVLM:
         if args.from_lm:
             load_lm_weights(model, args.from_lm)
             print0(f"decoder initialised from {args.from_lm}")
-    check_tokenizer(model, tokenizer, args.tokenizer)
+    trained_with = read_meta(init).get("tokenizer_vocab_size") if stage == "sft" else None
+    check_tokenizer(model, tokenizer, args.tokenizer, trained_with)
     return model
 
 
 def build_dataset(stage, args, tokenizer, cfg):
-    if args.data == "synthetic":
+    # One file or several (a list, should --data take several): jsonl and parquet, picked by extension.
+    paths = args.data if isinstance(args.data, (list, tuple)) else [args.data]
+    if paths == ["synthetic"]:
         from .synthetic import SyntheticVLMDataset
         make = lambda kind, n, **kw: SyntheticVLMDataset(kind, n, args.seed, tokenizer, cfg.run_length,
                                                          args.max_length, image_size=cfg.vision.image_size, **kw)
@@ -175,8 +178,11 @@ def build_dataset(stage, args, tokenizer, cfg):
         # types: their long answers would otherwise dominate the token-averaged loss.
         return ConcatDataset([make("sft", n - n // 8, qtype_weights={"describe": args.describe_weight}),
                               make("multi", n // 8)])
-    return VLMDataset(args.data, tokenizer=tokenizer, images_dir=args.images, max_length=args.max_length,
-                      run_length=cfg.run_length, image_size=cfg.vision.image_size, skip_bad=args.skip_bad)
+    parts = [VLMDataset(path, tokenizer=tokenizer, max_length=args.max_length, run_length=cfg.run_length,
+                        image_size=cfg.vision.image_size, skip_bad=args.skip_bad,
+                        **({} if str(path).endswith(".parquet") else {"images_dir": args.images}))
+             for path in paths]
+    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
 def question_first(dataset) -> bool:
@@ -187,15 +193,19 @@ def question_first(dataset) -> bool:
 
 def build_loader(args, dataset, env: Setup, pad_id: int):
     sampler = EpochSampler(len(dataset), args.seed, env.rank, env.world)
+    # Its own generator: starting an iterator draws the workers' base seed, which must not come from
+    # (and advance) the global RNG that dropout uses, or a resumed run would drop different units.
+    generator = torch.Generator()
     workers = args.num_workers if args.num_workers is not None else max(0, min(4, (os.cpu_count() or 1) - 1))
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                         collate_fn=functools.partial(collate_vlm, pad_id=pad_id),
                         pin_memory=env.device.type == "cuda", num_workers=workers,
-                        persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+                        persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+                        generator=generator, worker_init_fn=ignore_signals if workers else None)
     steps_per_epoch = len(dataset) // env.world // args.batch_size // args.grad_accum
     if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(dataset)} samples are fewer than one step of "
-                         f"{args.batch_size} x {args.grad_accum} x {env.world} processes")
+        raise UserError(f"{len(dataset)} samples are fewer than one step of "
+                        f"{args.batch_size} x {args.grad_accum} x {env.world} processes")
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
@@ -210,74 +220,6 @@ def wrap_model(args, model, env: Setup):
             train_model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
             find_unused_parameters=model.config.use_moe)  # an expert may get no tokens in a batch
     return train_model
-
-
-# ---------------------------------------------------------------------------------------------
-# Resume state
-
-
-def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def restore(resume_path, model, optimizer, scaler) -> int:
-    """Load the resume state into model, optimizer, scaler and the RNGs; returns the step reached."""
-    if not os.path.isfile(resume_path):
-        raise SystemExit(f"error: --resume but {resume_path} does not exist")
-    state = torch.load(resume_path, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
-    return state["step"]
-
-
-@dataclass
-class Paths:
-    out: str
-    ckpt: str  # the MiniMind-V style checkpoint
-    resume: str  # model + optimizer + RNG state for --resume
-    csv: str  # the log, one row per --log-every steps
-
-    @classmethod
-    def of(cls, out, stage, cfg) -> "Paths":
-        return cls(out, checkpoint_name(out, stage, cfg), os.path.join(out, f"resume_{stage}.pt"),
-                   os.path.join(out, f"log_{stage}.csv"))
-
-
-def prepare_out(args, paths: Paths):
-    """Make the output folder self-contained (a copy of the tokenizer) and start the CSV log."""
-    tok_file = os.path.join(args.tokenizer, "tokenizer.json") if os.path.isdir(args.tokenizer) else args.tokenizer
-    tok_copy = os.path.join(paths.out, "tokenizer.json")
-    if os.path.abspath(tok_file) != os.path.abspath(tok_copy):
-        shutil.copyfile(tok_file, tok_copy)
-    if not args.resume or not os.path.isfile(paths.csv):
-        with open(paths.csv, "w", newline="") as f:
-            csv.writer(f).writerow(CSV_FIELDS)
-
-
-def save(stage, args, paths: Paths, model, optimizer, scaler, step, q_first, final=False):
-    """The checkpoint (+ the vision tower when it was trained), then the resume state."""
-    vision_dir = None
-    if args.train_vision:  # a trained tower must travel with the checkpoint
-        vision_dir = os.path.join(paths.out, f"{stage}_vision")
-        model.vision_encoder.save_pretrained(vision_dir)
-    save_vlm(model, paths.ckpt, vision_folder=vision_dir, question_first=q_first)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "step": step, "rng": rng_state(), "args": vars(args)}
-    atomic_write(paths.resume, lambda f: torch.save(state, f))
-    print0(f"saved {paths.ckpt}" + (" (final)" if final else f" at step {step}"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,51 +292,94 @@ def log_step(args, env: Setup, paths: Paths, meter: Meter, progress: Progress, e
 
 
 def main(stage: str, argv=None) -> int:
-    """Run one stage; bad data, weights or images end the run with a one-line error and exit code 2."""
-    args = resolve(stage, build_parser(stage).parse_args(argv))
+    """Run one stage; a user's mistake (missing file, changed flags on --resume, bad data, weights or
+    images) ends the run with a one-line error and exit code 2; a bug keeps its traceback."""
+    args = build_parser(stage).parse_args(argv)
     try:
-        return run(stage, args)
-    except (DataError, WeightsError, ImageLoadError) as e:
+        return run(stage, resolve(stage, args))
+    except (UserError, DataError, WeightsError, ImageLoadError) as e:
         print0(f"error: {one_line(e)}")  # also when raised in a DataLoader worker
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, without a new resume point
+        print0("interrupted; the last saved resume point is kept")
+        return 130
     return 2
+
+
+def check_inputs(args):
+    """The files the run needs exist and the output folder is writable, before anything is built."""
+    if not os.path.isfile(args.tokenizer) and not os.path.isfile(os.path.join(args.tokenizer, "tokenizer.json")):
+        raise UserError(f"{args.tokenizer}: tokenizer not found (pass --tokenizer; "
+                        f"`python -m minivlm.tokenizer train` makes one)")
+    for path in args.data if isinstance(args.data, (list, tuple)) else [args.data]:
+        if path == "synthetic":
+            continue
+        if not os.path.exists(path):
+            raise UserError(f"--data {path}: no such file")
+        if os.path.isdir(path):
+            raise UserError(f"--data {path}: is a folder; --data takes a .jsonl or .parquet file "
+                            f"(and --images the image folder)")
+    check_out(args.out)
+
+
+def load_tokenizer(path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(path)
+    except (ValueError, OSError) as e:  # not JSON, not a tokenizer, unreadable
+        raise UserError(f"{path}: not a usable tokenizer ({one_line(e)})") from None
 
 
 def run(stage: str, args) -> int:
     env = setup(args)
-    if not os.path.exists(args.tokenizer):
-        raise SystemExit(f"error: {args.tokenizer}: tokenizer not found (pass --tokenizer; "
-                         f"`python -m minivlm.tokenizer train` makes one)")
-    tokenizer = Tokenizer.from_file(args.tokenizer)
+    check_inputs(args)
+    tokenizer = load_tokenizer(args.tokenizer)
     model = build_model(stage, args, tokenizer)
     set_trainable(model, stage, args.train_lm_layers, args.train_vision)
     model.to(env.device)
     cfg = model.vlm_config
     dataset = build_dataset(stage, args, tokenizer, cfg)
-    q_first = question_first(dataset)
     sampler, loader, steps_per_epoch, total_steps = build_loader(args, dataset, env, tokenizer.pad_id)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, args.vision_lr, fused=env.device.type == "cuda")
     scaler = grad_scaler(env.device, env.dtype)
     train_model = wrap_model(args, model, env)
 
-    os.makedirs(args.out, exist_ok=True)
     paths = Paths.of(args.out, stage, cfg)
     step = 0
     if args.resume:
-        step = restore(paths.resume, model, optimizer, scaler)
+        step = restore(paths.resume, args, env.world, model, optimizer, scaler)
         print0(f"resumed from {paths.resume} at step {step}/{total_steps}")
     if env.rank == 0:
-        prepare_out(args, paths)
+        prepare_out(args, paths, step)
     print0(f"{stage}: preset {args.preset}, {len(dataset)} samples, {env.world} process(es), device {env.device}, "
            f"dtype {env.dtype}, {total_steps} steps of {args.batch_size * args.grad_accum * env.world} samples")
     print0("trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in trainable_counts(model).items()))
 
+    sv = Saver(stage, args, paths, env.world, question_first(dataset), tokenizer.vocab_size)
+    with StopRequest() as stop:
+        code = train_loop(args, env, sv, (train_model, model, optimizer, scaler), (sampler, loader),
+                          steps_per_epoch, total_steps, step, stop)
+    line = data_summary(dataset) if code == 0 else None  # None for synthetic data; under torchrun, rank 0's
+    if line:
+        print0(f"data: {line}")
+    if env.world > 1:
+        dist.destroy_process_group()
+    return code
+
+
+def train_loop(args, env: Setup, sv: Saver, training, data, steps_per_epoch, total_steps, step, stop) -> int:
+    """Steps from `step` to `total_steps`; 0 when done, 1 on a non-finite loss, 128 + signal number
+    when Ctrl-C / SIGTERM stopped it (after saving a resume point)."""
+    train_model, model, optimizer, scaler = training
+    sampler, loader = data
     model.train()
-    progress, meter = Progress(total_steps, stage, start=step), Meter.on(env.device)
+    progress, meter = Progress(total_steps, sv.stage, start=step), Meter.on(env.device)
     t_log, last_log_step, batches = progress.t0, step, None
     while step < total_steps:
         epoch, k = divmod(step, steps_per_epoch)
         if batches is None or k == 0:
+            if batches is not None and (line := data_summary(loader.dataset)):
+                print0(f"epoch {epoch} data: {line}")  # the epoch that just ended
             sampler.set_epoch(epoch, start=k * args.batch_size * args.grad_accum)
+            loader.generator.manual_seed(args.seed + epoch)  # worker seeds: the same after a resume
             batches = iter(loader)
         factor = lr_factor(step, total_steps, args.warmup_steps, args.min_lr_ratio)
         set_lr(optimizer, factor)
@@ -405,21 +390,22 @@ def run(stage: str, args) -> int:
         at_save = step % args.save_every == 0 or step == total_steps
         if (at_log or at_save) and bool(meter.nonfinite):
             print0(f"error: the loss became non-finite before step {step} (lr {args.lr}, dtype {env.dtype}); "
-                   f"stopping. The last good checkpoint {paths.ckpt} was not overwritten. Try a lower --lr, "
+                   f"stopping. The last good checkpoint {sv.paths.ckpt} was not overwritten. Try a lower --lr, "
                    f"--dtype bf16 instead of fp16, or a smaller --grad-clip.")
             return 1
         if at_log:
             now = time.time()
-            log_step(args, env, paths, meter, progress, epoch, step, step - last_log_step, now - t_log,
+            log_step(args, env, sv.paths, meter, progress, epoch, step, step - last_log_step, now - t_log,
                      args.lr * factor)
             t_log, last_log_step = now, step
-        if at_save and env.rank == 0:
-            save(stage, args, paths, model, optimizer, scaler, step, q_first, final=step == total_steps)
+        stopping = step < total_steps and stop_requested(stop, env.world, env.device)
+        if (at_save or stopping) and env.rank == 0:
+            save(sv, model, optimizer, scaler, step, final=step == total_steps)
+        if stopping:
+            print0(f"stopped by {stop.name} after step {step}/{total_steps}; resume point saved in "
+                   f"{sv.paths.resume}: run the same command with --resume to continue")
+            return 128 + stop.signum
         if args.stop_after is not None and step >= args.stop_after:
             print0(f"stopping after step {step} (--stop-after)")
             break
-    if isinstance(dataset, VLMDataset) and args.skip_bad:
-        print0(dataset.bad_summary() + " (counted in the main process; workers count their own)")
-    if env.world > 1:
-        dist.destroy_process_group()
     return 0

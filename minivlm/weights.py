@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import struct
+import zipfile
 
 import torch
 
@@ -24,6 +26,12 @@ SAFETENSORS_DTYPES = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 _DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+# What torch.load raises on a damaged or foreign file (corrupting files at random finds every one of
+# these). Caught around torch.load calls only, so that a bug elsewhere still shows its traceback.
+TORCH_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError,
+                     zipfile.BadZipFile)
 
 
 class WeightsError(ValueError):
@@ -93,7 +101,7 @@ def load_state_dict(path) -> dict[str, torch.Tensor]:
         return read_safetensors(path)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors come in many types
+    except TORCH_LOAD_ERRORS as e:  # weights_only: a pickle that would run code is an UnpicklingError
         raise WeightsError(f"{path}: cannot be read by torch.load ({type(e).__name__}: {e})") from None
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]  # a training checkpoint that wraps the weights

@@ -75,11 +75,26 @@ def test_loss_mask_hand_worked(tok):
     newline = tok.encode("\n")
     assert len(newline) == 1
     assert ids == tok.encode(prefix) + answer + [tok.eos_id] + newline
-    assert labels == [-100] * len(tok.encode(prefix)) + answer + [tok.eos_id] + [-100]
+    assert labels == [-100] * len(tok.encode(prefix)) + answer + [tok.eos_id] + newline
     first = len(tok.encode(prefix))
     assert labels[first] == ids[first] == answer[0]  # the first answer token IS trained
     assert labels[first - 1] == -100 and ids[first - 1] == newline[0]  # the header's "\n" is not
-    assert labels[-2] == tok.eos_id and labels[-1] == -100  # <|im_end|> trained, the "\n" after it not
+    assert labels[-2] == tok.eos_id and labels[-1] == newline[0]  # <|im_end|>\n trained, as in MiniMind-V
+
+
+def test_newline_after_im_end_is_trained_and_next_header_is_not(tok):
+    ids, labels = encode_conversation(conv("<image> colour?", "Red.", "And shape?", "A square."), tok, RUN, 640)
+    newline = tok.encode("\n")[0]
+    ends = [i for i, t in enumerate(ids) if t == tok.eos_id]  # system, user, answer, user, answer
+    first_answer_end, second_user_end = ends[2], ends[3]
+    assert labels[first_answer_end] == tok.eos_id and labels[first_answer_end + 1] == newline
+    # the next turn: "<|im_start|>user\nAnd shape?<|im_end|>\n<|im_start|>assistant\n" is context
+    assert ids[first_answer_end + 2] == tok.bos_id
+    assert set(labels[first_answer_end + 2:second_user_end + 2]) == {-100}
+    header_end = ids.index(newline, ids.index(tok.bos_id, second_user_end)) + 1
+    assert set(labels[second_user_end:header_end]) == {-100}
+    assert labels[header_end] == ids[header_end] != -100  # the second answer starts trained
+    assert labels[-2:] == [tok.eos_id, newline]
 
 
 def test_loss_mask_multi_turn_has_two_spans(tok):
@@ -88,7 +103,7 @@ def test_loss_mask_multi_turn_has_two_spans(tok):
     spans = trained_spans(labels)
     assert len(spans) == 2
     got = [tok.decode(ids[a:b], skip_special_tokens=False) for a, b in spans]
-    assert got == ["Red.<|im_end|>", "A square.<|im_end|>"]
+    assert got == ["Red.<|im_end|>\n", "A square.<|im_end|>\n"]
     assert all(labels[i] == ids[i] for a, b in spans for i in range(a, b))  # aligned, not shifted
 
 
@@ -123,12 +138,32 @@ def test_truncation_keeps_runs_whole(tok):
     assert any(l != -100 for l in labels)
 
 
-def test_truncation_drops_cut_runs_and_answerless_samples(tok):
+def test_truncation_without_an_answer_left_is_too_long(tok):
     words = "What colour is the circle? " * 20
-    with pytest.raises(SampleTooLong, match="image run"):  # the run would be cut
+    with pytest.raises(SampleTooLong, match="no answer"):  # the run would be cut: cut before it, no answer left
         encode_conversation(conv(words + "<image>", "Blue."), tok, RUN, 40)
     with pytest.raises(SampleTooLong, match="no answer"):  # the run fits, but no answer is left
         encode_conversation(conv("<image>" + words, "Blue."), tok, RUN, 40)
+
+
+def test_truncation_cuts_before_an_image_that_does_not_fit(tok, imgdir):
+    red, blue = Image.open(imgdir / "red.png"), Image.open(imgdir / "blue.png")
+    c = conv("<image> colour?", "Red.", "Describe the picture. " * 5 + "<image>", "Blue.")
+    full, _ = encode_conversation(c, tok, RUN, 10_000)
+    second_run = [i for i, t in enumerate(full) if t == tok.placeholder_id][RUN]
+    max_length = second_run + RUN - 1  # the second run misses by one token
+    ids, labels = encode_conversation(c, tok, RUN, max_length)
+    first, _ = encode_conversation(c[:2], tok, RUN, 10_000)
+    assert ids == first  # the first turn, up to its trained "<|im_end|>\n"; nothing of the cut turn
+    assert labels[-2:] == [tok.eos_id, tok.encode("\n")[0]]
+    for n in (max_length, max_length + 1):  # the run misses by one, or fits but its answer does not
+        s = make_sample(c, [red, blue], tok, RUN, n, SIZE)
+        assert s["input_ids"].tolist() == first  # the untrained tail (the cut turn) goes too
+        assert s["pixel_values"].shape == (1, 3, SIZE, SIZE)  # the second image went with its run
+        assert torch.allclose(s["pixel_values"][0], preprocess_image(red, SIZE))
+    s = make_sample(c, [red, blue], tok, RUN, len(full) - 3, SIZE)  # cut inside the second answer
+    assert s["pixel_values"].shape[0] == 2 and len(s["input_ids"]) == len(full) - 3
+    assert s["labels"][-1] == full[len(full) - 4] != -100
 
 
 # --- make_sample, images, collate -------------------------------------------------------------
@@ -204,8 +239,8 @@ BAD_CASES = {
     "marker without image": {"conversations": conv("<image> ?", "x")},
     "image without marker": {"conversations": conv("what?", "x"), "image": "red.png"},
     "too many images": {"conversations": conv("<image> ?", "x"), "image": "red.png, blue.png"},
-    "too long": {"conversations": conv("words " * 300 + "<image>", "x"), "image": "red.png"},
 }
+TOO_LONG = {"conversations": conv("words " * 300 + "<image>", "x"), "image": "red.png"}
 
 
 @pytest.mark.parametrize("case", list(BAD_CASES))
@@ -227,7 +262,7 @@ def test_bad_line_is_a_located_data_error(tok, imgdir, tmp_path, case):
 
 def test_bad_summary_counts_per_reason(tok, imgdir, tmp_path):
     records = [GOOD, BAD_CASES["missing image"], BAD_CASES["invalid JSON"], BAD_CASES["missing image"],
-               GOOD, BAD_CASES["too long"]]
+               GOOD, TOO_LONG]
     path = write_jsonl(tmp_path / "mixed.jsonl", records)
     ds = VLMDataset(path, tokenizer=tok, images_dir=imgdir, run_length=RUN, image_size=SIZE,
                     max_length=200, skip_bad=True)
@@ -243,6 +278,20 @@ def test_all_bad_raises(tok, imgdir, tmp_path):
     ds = VLMDataset(path, tokenizer=tok, images_dir=imgdir, run_length=RUN, skip_bad=True)
     with pytest.raises(DataError, match="every one of the 2 samples is bad"):
         ds[0]
+
+
+def test_too_long_is_skipped_quietly_and_cuts_are_counted(tok, imgdir, tmp_path):
+    long_answer = "A red square on the left. " * 40
+    records = [GOOD, TOO_LONG, {"conversations": conv("<image> describe", long_answer), "image": "red.png"},
+               {"conversations": conv("<image> colour?", "Red.", "words " * 300 + "<image>", "x"),
+                "image": "red.png, blue.png"}]
+    path = write_jsonl(tmp_path / "long.jsonl", records)
+    ds = VLMDataset(path, tokenizer=tok, images_dir=imgdir, run_length=RUN, image_size=SIZE, max_length=200)
+    assert not ds.skip_bad
+    assert torch.equal(ds[1]["input_ids"], ds[2]["input_ids"])  # no error: the next sample instead
+    assert len(ds[2]["input_ids"]) == 200 and ds[3]["pixel_values"].shape[0] == 1
+    assert ds.bad_summary() == ("skipped 1 bad samples of 4 (1 too long); "
+                                "cut 2 to max_length 200 (1 of them lost images)")
 
 
 # --- the byte-offset index --------------------------------------------------------------------
@@ -262,5 +311,5 @@ def test_large_file_index_is_fast_and_random_access_is_right(tok, tmp_path):
     for i in [0, 1, 999, 1000, 1001, 12345, n - 1]:
         s = ds[i]
         (a, b), = trained_spans(s["labels"].tolist())
-        assert tok.decode(s["input_ids"][a:b].tolist()) == f"answer {i}"
+        assert tok.decode(s["input_ids"][a:b].tolist()) == f"answer {i}\n"  # + <|im_end|> (skipped) + "\n"
         assert s["pixel_values"].shape == (0, 3, SIZE, SIZE)

@@ -141,7 +141,7 @@ def test_render_generation_prompt():
 def test_chat_pieces_mark_only_answers_trained():
     msgs = [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"}]
     trained = [text for text, t in chat_pieces(msgs) if t]
-    assert trained == ["B<|im_end|>"]
+    assert trained == ["B<|im_end|>", "\n"]  # MiniMind-V labels `<|im_end|>\n`
     assert "".join(text for text, _ in chat_pieces(msgs)) == render_chat(msgs)
 
 

@@ -45,7 +45,7 @@ def test_a_few_steps_lower_the_loss_and_log_csv(shapes_dir, shapes_tokenizer_pat
     meta = json.loads((out / "pretrain_vlm_128.json").read_text())
     assert meta["vision_folder"] == "pretrain_vision"
     model = load_vlm(ckpt)
-    state = torch.load(out / "resume_pretrain.pt", weights_only=False)["model"]
+    state = torch.load(out / "resume_pretrain.pt", weights_only=True)["model"]
     torch.testing.assert_close(model.vision_encoder.state_dict()["vision_model.post_layernorm.weight"],
                                state["vision_encoder.vision_model.post_layernorm.weight"])
 
@@ -83,11 +83,11 @@ def test_resume_is_bit_identical(shapes_dir, shapes_tokenizer_path, tmp_path):
                                       "--grad-accum", "2")) == 0
     assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, b, "pretrain.jsonl", *common,
                                       "--grad-accum", "2", "--stop-after", "3")) == 0
-    assert torch.load(b / "resume_pretrain.pt", weights_only=False)["step"] == 3
+    assert torch.load(b / "resume_pretrain.pt", weights_only=True)["step"] == 3
     assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, b, "pretrain.jsonl", *common,
                                       "--grad-accum", "2", "--resume")) == 0
-    sa = torch.load(a / "resume_pretrain.pt", weights_only=False)
-    sb = torch.load(b / "resume_pretrain.pt", weights_only=False)
+    sa = torch.load(a / "resume_pretrain.pt", weights_only=True)
+    sb = torch.load(b / "resume_pretrain.pt", weights_only=True)
     assert sa["step"] == sb["step"] == 6
     for k in sa["model"]:
         assert torch.equal(sa["model"][k], sb["model"][k]), k
@@ -103,8 +103,8 @@ def test_resume_across_an_epoch_boundary_is_bit_identical(shapes_dir, shapes_tok
                                       "--stop-after", "10")) == 0
     assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, b, "pretrain.jsonl", *common,
                                       "--resume")) == 0
-    sa = torch.load(a / "resume_pretrain.pt", weights_only=False)["model"]
-    sb = torch.load(b / "resume_pretrain.pt", weights_only=False)["model"]
+    sa = torch.load(a / "resume_pretrain.pt", weights_only=True)["model"]
+    sb = torch.load(b / "resume_pretrain.pt", weights_only=True)["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 

@@ -1,0 +1,170 @@
+"""Looking inside a trained shapes-world VLM: what does it know, and what does it use?
+
+    python -m minivlm.probe [--weights minivlm/demo/model/sft_vlm_128.pth] [--scenes 60] [--seed 99]
+
+Three probes, each on freshly drawn scenes (a seed no training run used):
+
+  yes/no margins   "Is there a <colour> <shape>?" about one-object scenes, for every colour x shape.
+                   The answer token's logit of "yes" minus "no", grouped by what the question gets right:
+                   both attributes, only the shape, only the colour, neither. A model that checks both
+                   says yes only for "both"; one that ignores the shape word gives "both" and "colour
+                   only" the same margin.
+  linear probes    Is each object's shape and colour readable, by a linear classifier, from the image
+                   tokens: the vision tower's output, then every decoder layer's output? Once from the
+                   mean of the object's cell (2x2 patches), once from single patches.
+  attention        From the answer position of "What colour is the <shape>?" on three-object scenes: of
+                   the attention onto the three objects' cells, the share on the asked object's cell,
+                   per layer (a third = no preference).
+
+The README's "Why the demo could not answer yes/no" section was written from this output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_vlm, read_meta
+from .generate import encode_batch
+from .inference import DEMO_WEIGHTS
+from .prompt import user_turn
+from .shapes import COLOUR_NAMES, SHAPES, article, render, sample_scene
+from .tokenizer import Tokenizer
+
+
+class Probe:
+    """A model, its tokenizer and how it was trained to place images, ready to be asked questions."""
+
+    def __init__(self, weights: str, tokenizer: str | None = None):
+        self.model = load_vlm(weights).eval()
+        self.tok = Tokenizer.from_file(tokenizer or weights.rsplit("/", 1)[0] + "/tokenizer.json")
+        self.question_first = bool(read_meta(weights).get("question_first", False))
+        self.size = self.model.vlm_config.vision.image_size
+        self.grid = self.size // self.model.vlm_config.vision.patch_size  # patches per side
+
+    @torch.no_grad()
+    def forward(self, image, question: str, **kw):
+        """The model's output at the prompt's last position (where the answer's first token is chosen)."""
+        content = user_turn(question, 1, self.question_first)
+        batch = encode_batch(self.model, self.tok, [([image], [{"role": "user", "content": content}])])
+        out = self.model(batch["input_ids"], batch["pixel_values"], image_counts=batch["image_counts"], **kw)
+        start = int((batch["input_ids"][0] == self.model.placeholder_id).nonzero()[0])
+        return out, start
+
+    def cell_patches(self, cell: int) -> list[int]:
+        """Patch indices (row-major) inside one cell of the 3x3 grid."""
+        per = self.grid // 3
+        r, c = divmod(cell, 3)
+        return [(per * r + dr) * self.grid + per * c + dc for dr in range(per) for dc in range(per)]
+
+
+def yes_no_margins(p: Probe, n_scenes: int, rng: random.Random) -> dict:
+    yes, no = p.tok.encode("yes")[0], p.tok.encode("no")[0]
+    groups = {"both right": [], "shape only": [], "colour only": [], "neither": []}
+    for i in range(n_scenes):
+        scene = sample_scene(rng, max_objects=1)
+        o, image = scene.objects[0], render(scene, p.size, random.Random(i))
+        for colour in COLOUR_NAMES:
+            for shape in SHAPES:
+                key = ("both right" if (colour, shape) == (o.colour, o.shape) else "shape only" if shape == o.shape
+                       else "colour only" if colour == o.colour else "neither")
+                out, _ = p.forward(image, f"Is there {article(colour)} {colour} {shape}?")
+                groups[key].append((out.logits[0, -1, yes] - out.logits[0, -1, no]).item())
+    return groups
+
+
+def linear_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 300) -> float:
+    """Held-out accuracy of a softmax regression from x (N, D) to y (N,); 3/4 train, 1/4 test."""
+    cut = int(0.75 * len(y))
+    x = (x - x[:cut].mean(0)) / (x[:cut].std(0) + 1e-6)
+    w = torch.zeros(x.shape[1], classes, requires_grad=True)
+    b = torch.zeros(classes, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=0.05)
+    for _ in range(steps):
+        loss = F.cross_entropy(x[:cut] @ w + b, y[:cut]) + 1e-3 * (w ** 2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return ((x[cut:] @ w + b).argmax(1) == y[cut:]).float().mean().item()
+
+
+def representations(p: Probe, n_scenes: int, rng: random.Random):
+    """Per object: its cell's image-token states at the vision output and after each decoder layer."""
+    states, hooks = {}, []
+    for k, layer in enumerate(p.model.model.layers):
+        hooks.append(layer.register_forward_hook(lambda m, i, o, k=k: states.__setitem__(k, o[0])))
+    cell_mean, single, labels = {}, {}, []
+    for i in range(n_scenes):
+        scene = sample_scene(rng, min_objects=3)
+        image = render(scene, p.size, random.Random(i))
+        _, start = p.forward(image, "Describe the image.")
+        L = p.grid * p.grid
+        with torch.no_grad():
+            vision = p.model.vision_encoder.select_features(encode_batch(
+                p.model, p.tok, [([image], [{"role": "user", "content": "<image>"}])])["pixel_values"][0])[0]
+        reps = {"vision": vision, **{f"layer {k}": states[k][0, start:start + L] for k in states}}
+        for o in scene.objects:
+            idx = p.cell_patches(o.cell)
+            for name, h in reps.items():
+                cell_mean.setdefault(name, []).append(h[idx].mean(0))
+                single.setdefault(name, []).append(h[idx[0]])  # the cell's top-left patch alone
+            labels.append((SHAPES.index(o.shape), COLOUR_NAMES.index(o.colour)))
+    for h in hooks:
+        h.remove()
+    return cell_mean, single, torch.tensor(labels)
+
+
+def attention_on_asked_object(p: Probe, n_scenes: int, rng: random.Random) -> list[float]:
+    """Per layer: of the answer position's attention onto the three objects' cells, the share that lands
+    on the asked object's cell (output_attentions=True makes lm.py compute the weights by hand)."""
+    shares = []
+    for i in range(n_scenes):
+        scene = sample_scene(rng, min_objects=3)
+        unique = [o for o in scene.objects if [q.shape for q in scene.objects].count(o.shape) == 1]
+        if not unique:
+            continue
+        asked = rng.choice(unique)
+        out, start = p.forward(render(scene, p.size, random.Random(i)), f"What colour is the {asked.shape}?",
+                               output_attentions=True)
+        per_layer = []
+        for w in out.attentions:  # (1, H, T, T)
+            row = w[0, :, -1].mean(0)  # the answer position's attention, mean over heads: (T,)
+            on = {o.cell: row[[start + j for j in p.cell_patches(o.cell)]].sum() for o in scene.objects}
+            per_layer.append((on[asked.cell] / sum(on.values())).item())
+        shares.append(per_layer)
+    return torch.tensor(shares).mean(0).tolist()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m minivlm.probe", description=__doc__.split("\n")[0])
+    ap.add_argument("--weights", default=DEMO_WEIGHTS, help="a shapes-world checkpoint (default: the demo model)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer.json (default: beside --weights)")
+    ap.add_argument("--scenes", type=int, default=60, help="scenes per probe")
+    ap.add_argument("--seed", type=int, default=99, help="seed of the probe scenes (never used in training)")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    p = Probe(args.weights, args.tokenizer)
+
+    print("yes/no margin (logit yes - logit no) on one-object scenes, by what the question gets right:")
+    for name, m in yes_no_margins(p, args.scenes, random.Random(args.seed)).items():
+        print(f"  {name:12s} n={len(m):4d}  mean margin {sum(m) / len(m):+.2f}  answers yes {sum(x > 0 for x in m) / len(m):.0%}")
+
+    cell_mean, single, y = representations(p, args.scenes * 2, random.Random(args.seed + 1))
+    print("\nlinear probe accuracy, held out (shape: chance 20%, colour: chance 14%)")
+    print(f"  {'states':10s} {'cell mean: shape':>17s} {'colour':>7s}   {'one patch: shape':>17s} {'colour':>7s}")
+    for name in cell_mean:
+        a = [linear_probe(torch.stack(d[name]), y[:, j], n) for d in (cell_mean, single) for j, n in ((0, 5), (1, 7))]
+        print(f"  {name:10s} {a[0]:17.0%} {a[1]:7.0%}   {a[2]:17.0%} {a[3]:7.0%}")
+
+    shares = attention_on_asked_object(p, args.scenes, random.Random(args.seed + 2))
+    print("\n'What colour is the <shape>?' on 3-object scenes: of the answer position's attention onto the")
+    print("objects' cells, the share on the asked object's cell (1/3 = no preference):")
+    print("  " + "  ".join(f"layer {k}: {s:.0%}" for k, s in enumerate(shares)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
