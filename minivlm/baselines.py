@@ -10,13 +10,19 @@ slower implementations it is measured against, as plain subclasses.
 `model`'s very parameter tensors (shared, not copied). So every variant computes on identical numbers,
 one optimizer steps them all, and memory holds one set of weights: a variant's peak memory is its own.
 Random weights are enough: speed does not depend on their values, so nothing is downloaded.
+`write_jsonl_dataset` makes the data section's input: JPEGs and a MiniMind-V jsonl in a folder.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import os
+import random
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 from .config import vlm_preset
 from .vision import CLIPVisionModel
@@ -148,3 +154,37 @@ def variant(model: MiniMindVLM, attn: str = "sdpa", splice: str = "vectorised",
     """
     cls = {"vectorised": MiniMindVLM, "loop": LoopSpliceVLM}[splice]
     return rebuild_as(model, cls, attn, FP32VisionTower if vision_fp32 else CLIPVisionModel)
+
+
+def write_jsonl_dataset(folder: str, n: int, size: int, seed: int = 0) -> str:
+    """A MiniMind-V jsonl of n one-image conversations in folder; returns its path. The JPEGs hold a
+    colour gradient, a few shapes and some noise: pure noise would be atypically slow to decode (JPEG
+    compresses it badly); real photos sit between the two."""
+    rng, rnd = np.random.default_rng(seed), random.Random(seed)
+    words = "a red blue green small large square circle triangle on the left right of near picture".split()
+    ramp = np.linspace(0, 1, size, dtype=np.float32)
+    jsonl = os.path.join(folder, "data.jsonl")
+    with open(jsonl, "w", encoding="utf-8") as f:
+        for i in range(n):
+            c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+            pixels = c0 + (c1 - c0) * ramp[:, None, None] * ramp[None, :, None]  # diagonal gradient
+            pixels += rng.normal(0, 8, pixels.shape)
+            im = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+            draw = ImageDraw.Draw(im)
+            for _ in range(4):
+                x0, y0 = rng.integers(0, size - 8, 2)
+                x1, y1 = x0 + rng.integers(8, size // 2), y0 + rng.integers(8, size // 2)
+                fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+                (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=fill)
+            name = f"img_{i:05d}.jpg"
+            im.save(os.path.join(folder, name), quality=90)
+            answer = " ".join(rnd.choice(words) for _ in range(12)) + "."
+            conv = [{"role": "user", "content": "<image>\nDescribe the picture."},
+                    {"role": "assistant", "content": answer}]
+            f.write(json.dumps({"conversations": conv, "image": name}) + "\n")
+    return jsonl
+
+
+def read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()

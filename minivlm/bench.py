@@ -24,7 +24,6 @@ import functools
 import json
 import os
 import platform
-import random
 import statistics
 import sys
 import tempfile
@@ -32,11 +31,10 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
-from .baselines import (GivenFeaturesLoopVLM, GivenFeaturesVLM, build_model, rebuild_as, synthetic_batch,
-                        variant)
+from .baselines import (GivenFeaturesLoopVLM, GivenFeaturesVLM, build_model, read_bytes, rebuild_as, synthetic_batch,
+                        variant, write_jsonl_dataset)
 from .common import DTYPES, autocast, grad_scaler, peak_memory_mb, print0, reset_peak_memory, resolve_device, sync
 from .config import vlm_preset
 from .data import VLMDataset, collate_vlm
@@ -44,6 +42,7 @@ from .flops import (H100_PEAK_TFLOPS, kv_cache_bytes, lm_matmul_params, mfu, pro
                     train_step_flops)
 from .generate import SamplingConfig, generate
 from .optim import make_optimizer
+from .parquet import write_parquet
 from .tokenizer import Tokenizer, train_tokenizer
 from .train import set_trainable
 from .vlm import MiniMindVLM
@@ -278,40 +277,11 @@ def bench_inference_memory(args, device) -> dict:
     return out
 
 
-def _write_dataset(folder: str, n: int, size: int, seed: int = 0) -> str:
-    """A MiniMind-V jsonl of n one-image conversations in folder; returns its path. The JPEGs hold a
-    colour gradient, a few shapes and some noise: pure noise would be atypically slow to decode (JPEG
-    compresses it badly); real photos sit between the two."""
-    rng, rnd = np.random.default_rng(seed), random.Random(seed)
-    words = "a red blue green small large square circle triangle on the left right of near picture".split()
-    ramp = np.linspace(0, 1, size, dtype=np.float32)
-    jsonl = os.path.join(folder, "data.jsonl")
-    with open(jsonl, "w", encoding="utf-8") as f:
-        for i in range(n):
-            c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-            pixels = c0 + (c1 - c0) * ramp[:, None, None] * ramp[None, :, None]  # diagonal gradient
-            pixels += rng.normal(0, 8, pixels.shape)
-            im = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
-            draw = ImageDraw.Draw(im)
-            for _ in range(4):
-                x0, y0 = rng.integers(0, size - 8, 2)
-                x1, y1 = x0 + rng.integers(8, size // 2), y0 + rng.integers(8, size // 2)
-                fill = tuple(int(v) for v in rng.integers(0, 256, 3))
-                (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=fill)
-            name = f"img_{i:05d}.jpg"
-            im.save(os.path.join(folder, name), quality=90)
-            answer = " ".join(rnd.choice(words) for _ in range(12)) + "."
-            conv = [{"role": "user", "content": "<image>\nDescribe the picture."},
-                    {"role": "assistant", "content": answer}]
-            f.write(json.dumps({"conversations": conv, "image": name}) + "\n")
-    return jsonl
-
-
 def bench_data(args) -> dict:
     cfg = vlm_preset(args.preset)
     workers = args.workers if args.workers is not None else min(16, os.cpu_count() or 1)
     with tempfile.TemporaryDirectory(prefix="minivlm_bench_") as folder:
-        jsonl = _write_dataset(folder, args.data_images, args.data_image_px)
+        jsonl = write_jsonl_dataset(folder, args.data_images, args.data_image_px)
         tok = (Tokenizer.from_file(args.tokenizer) if args.tokenizer
                else train_tokenizer([jsonl], vocab_size=400))  # tokenization cost barely depends on it
         ds = VLMDataset(jsonl, tokenizer=tok, max_length=cfg.run_length + 512, run_length=cfg.run_length,
@@ -319,7 +289,7 @@ def bench_data(args) -> dict:
         out = {"images": len(ds), "image_px": args.data_image_px, "image_size": cfg.vision.image_size,
                "batch": args.batch, "workers": workers}
 
-        def rate(w):
+        def rate(w, ds=ds):
             loader = DataLoader(ds, batch_size=args.batch, num_workers=w, persistent_workers=w > 0,
                                 collate_fn=functools.partial(collate_vlm, pad_id=tok.pad_id))
             for _ in loader:  # warm-up pass: starts the workers, fills the page cache
@@ -332,9 +302,22 @@ def bench_data(args) -> dict:
 
         out["samples_per_s_main_process"] = rate(0)
         out["samples_per_s"] = rate(workers) if workers > 0 else out["samples_per_s_main_process"]
+        # The same samples as one parquet file (images inside, row groups of 256 as `data repack` writes),
+        # read in file order: what a worker does with the row groups `parquet.grouped_order` hands it.
+        pq_path = os.path.join(folder, "data.parquet")
+        with open(jsonl, encoding="utf-8") as f:
+            records = [json.loads(line) for line in f]
+        write_parquet(pq_path, [(r["conversations"], [read_bytes(os.path.join(folder, r["image"]))]) for r in records],
+                      row_group_size=256)
+        pq = VLMDataset(pq_path, tokenizer=tok, max_length=cfg.run_length + 512, run_length=cfg.run_length,
+                        image_size=cfg.vision.image_size)
+        out["parquet_samples_per_s_main_process"] = rate(0, pq)
+        out["parquet_samples_per_s"] = rate(workers, pq) if workers > 0 else out["parquet_samples_per_s_main_process"]
     print0(f"data: {out['images']} JPEGs {args.data_image_px}px -> {cfg.vision.image_size}px, batch {args.batch}: "
-           f"{out['samples_per_s']:.1f} samples/s with {workers} workers, "
-           f"{out['samples_per_s_main_process']:.1f} samples/s in the main process")
+           f"jsonl + folder {out['samples_per_s']:.1f} samples/s with {workers} workers, "
+           f"{out['samples_per_s_main_process']:.1f} in the main process; parquet "
+           f"{out['parquet_samples_per_s']:.1f} with {workers} workers, "
+           f"{out['parquet_samples_per_s_main_process']:.1f} in the main process")
     return out
 
 

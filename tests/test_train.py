@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -162,3 +163,18 @@ def test_torchrun_two_processes_on_cpu(shapes_dir, shapes_tokenizer_path, tmp_pa
     assert "2 process(es)" in r.stdout
     assert r.stdout.count("saved ") == 1  # only rank 0 saves and logs
     assert len(read_csv(out / "log_pretrain.csv")) == 3
+
+
+def test_epoch_sampler_reads_parquet_row_groups_one_after_another():
+    groups = np.array([4, 3, 5])
+    s0, s1 = EpochSampler(12, seed=1, rank=0, world=2, group_sizes=groups), EpochSampler(12, 1, 1, 2, groups)
+    order = EpochSampler(12, seed=1, group_sizes=groups).indices()
+    assert sorted(order) == list(range(12))  # a permutation of every row
+    group_of = np.repeat(np.arange(3), groups)
+    runs = [g for i, g in enumerate(group_of[order]) if i == 0 or g != group_of[order][i - 1]]
+    assert sorted(runs) == [0, 1, 2]  # each row group is one contiguous stretch: read once
+    assert sorted(s0.indices() + s1.indices()) == list(range(12))  # the ranks split it
+    s0.set_epoch(1)
+    assert s0.indices() != EpochSampler(12, 1, 0, 2, groups).indices()  # a new order each epoch
+    s0.set_epoch(0, start=2)
+    assert s0.indices() == EpochSampler(12, 1, 0, 2, groups).indices()[2:]  # resume mid-epoch
