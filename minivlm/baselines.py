@@ -62,8 +62,8 @@ def synthetic_batch(model: MiniMindVLM, batch: int, seq_len: int, device, seed: 
 class LoopSpliceVLM(MiniMindVLM):
     """MiniMindVLM with MiniMind-V's splice (model_vlm.py: get_image_embeddings + count_vision_proj)."""
 
-    def splice_images(self, input_ids, embeds, pixel_values, image_counts=None):
-        """Like the original: encode the images one slot at a time, find the runs by comparing every
+    def splice_images(self, input_ids, embeds, pixel_values, image_counts=None, image_features=None):
+        """Like the original (which has no feature cache: image_features must be None): encode the images one slot at a time, find the runs by comparing every
         window of run_length ids with the placeholder pattern, turn the matches into Python
         (start, end) pairs with .item(), and rebuild each sample with torch.cat of slices in a loop.
 
@@ -71,6 +71,7 @@ class LoopSpliceVLM(MiniMindVLM):
         where the vectorised version puts them (the original took the next matching window, one token
         after the first, and wrote the second image over most of the first).
         """
+        assert image_features is None, "the baseline runs the vision tower"
         if pixel_values.dim() == 4:
             pixel_values = pixel_values[:, None]
         B, N = pixel_values.shape[:2]

@@ -1,6 +1,6 @@
 """Benchmarks: how fast does minivlm train, generate and load data, and why.
 
-    python -m minivlm.bench {train,generate,data,all} [--preset 26m] [--device cpu|cuda] [--dtype fp32|bf16|fp16]
+    python -m minivlm.bench {train,generate,data,epoch,all} [--preset 26m] [--device cpu|cuda] [--dtype fp32|bf16|fp16]
                             [--batch 4] [--seq-len 640] [--steps N] [--warmup N] [--json OUT] [--quick]
 
 Everything runs on random weights and synthetic inputs of the real shapes (the preset's decoder and
@@ -13,6 +13,7 @@ says what each number means):
   generate  greedy decoding from a 196 + 32 token prompt, batch 1 and 8: prefill time, decode tokens/s,
             ms/token as the KV cache grows; inference memory.
   data      JPEGs + a MiniMind-V jsonl -> VLMDataset -> DataLoader(collate_vlm): samples/s.
+  epoch     a whole epoch, data to step, minivlm vs a MiniMind-V-style pipeline (bench_epoch.py; not in `all`).
 
 Times are medians of `--steps` timed runs after `--warmup` untimed ones (time_it says why).
 """
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from . import bench_epoch, bench_memory
 from .baselines import (GivenFeaturesLoopVLM, GivenFeaturesVLM, build_model, read_bytes, rebuild_as, synthetic_batch,
                         variant, write_jsonl_dataset)
 from .common import DTYPES, autocast, grad_scaler, peak_memory_mb, print0, reset_peak_memory, resolve_device, sync
@@ -245,8 +247,11 @@ def bench_generate(args, device) -> dict:
         per = ", ".join(f"{v:.2f} @ {k}" for k, v in r["ms_per_token"].items())
         print0(f"  batch {B:<3} prefill {r['prefill_ms']:8.1f} ms, decode {r['decode_tokens_per_s']:8.1f} tok/s "
                f"(end to end {r['e2e_tokens_per_s']:.1f}); ms/token {per}")
+    out["roofline"] = bench_memory.roofline(model, out[f"batch_{args.gen_batches[0]}"]["decode_tokens_per_s"],
+                                            device, args.quick)
     del model
     out["inference_memory"] = bench_inference_memory(args, device)
+    out["load_memory"] = bench_memory.report(args)  # CPU RAM of loading 26m + CLIP, in a fresh process
     return out
 
 
@@ -328,7 +333,8 @@ def bench_data(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minivlm.bench", description=__doc__.split("\n")[0])
     a = p.add_argument
-    a("section", choices=["train", "generate", "data", "all"], help="what to measure")
+    a("section", choices=["train", "generate", "data", "epoch", "all"],
+      help="what to measure (all = data, generate, train; epoch: bench_epoch.py)")
     a("--preset", default=None, choices=["26m", "tiny", "104m", "26m-moe"],
       help="model size (default 26m; tiny with --quick)")
     a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -407,7 +413,8 @@ def run(args, argv) -> dict:
            f"{torch.get_num_threads()} threads" + (f", load average {load:.1f}" if load is not None else ""))
     sections = ["data", "generate", "train"] if args.section == "all" else [args.section]
     for section in sections:  # smallest memory first: on CPU the peak RSS only ever grows
-        fn = {"train": bench_train, "generate": bench_generate, "data": lambda a, d: bench_data(a)}[section]
+        fn = {"train": bench_train, "generate": bench_generate, "data": lambda a, d: bench_data(a),
+              "epoch": bench_epoch.bench_epoch}[section]
         results[section] = fn(args, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -30,6 +30,7 @@ from .config import LMConfig, VisionConfig, VLMConfig
 from .vision import CLIPVisionModel
 from .vlm import MiniMindVLM
 from .common import atomic_write
+from .lm import rope_tables
 from .weights import WeightsError, check_state_dict, load_state_dict, read_json
 
 # Derived buffers some MiniMind versions saved; they are recomputed from the config, never loaded.
@@ -157,34 +158,24 @@ def check_finite(model, source):
                                f"checkpoint)")
 
 
-def load_vlm(weights, vision=None, **config_overrides) -> MiniMindVLM:
+def load_vlm(weights, vision=None, dtype: torch.dtype | None = None, **config_overrides) -> MiniMindVLM:
     """Build a MiniMindVLM from a checkpoint (2025-04 or 2025-02 layout, fp16/fp32) and a CLIP tower.
 
     weights: path to the `.pth`/`.safetensors` file. vision: a Hugging Face CLIP folder, a
     CLIPVisionModel, or None (then the tower saved with the checkpoint, as recorded in its JSON, else a
-    randomly initialised tower, with a warning). config_overrides: LMConfig fields
+    randomly initialised tower, with a warning). dtype: of the weights (default float32); they are
+    converted as they are read, so a bf16 model never exists in fp32. config_overrides: LMConfig fields
     (e.g. num_attention_heads=8) that cannot be read off the tensor shapes.
     """
-    weights = os.fspath(weights)
-    raw = load_state_dict(weights)
+    weights, dtype = os.fspath(weights), dtype or torch.float32
     saved = read_meta(weights) or None
     heads = config_overrides.get("num_attention_heads",
                                  saved["vlm"]["lm"]["num_attention_heads"] if saved else 8)
-    sd = to_2025_04(raw, heads)
-
-    if isinstance(vision, CLIPVisionModel):
-        vision_model = vision
-    elif vision is not None:
-        vision_model = CLIPVisionModel.from_pretrained(vision)
-    elif saved and "vision_folder" in saved:  # a tower trained together with this checkpoint
-        vision_model = CLIPVisionModel.from_pretrained(
-            os.path.join(os.path.dirname(os.path.abspath(weights)), saved["vision_folder"]))
-    else:
-        vision_cfg = VisionConfig(**saved["vlm"]["vision"]) if saved else VisionConfig()
-        warnings.warn(f"{weights}: no CLIP vision tower given (vision=...): it is randomly initialised, "
-                      f"image features will be meaningless")
-        vision_model = CLIPVisionModel(vision_cfg)
-
+    sd = to_2025_04(load_state_dict(weights), heads)
+    del sd["lm_head.weight"]  # tied to the embeddings: re-tied below instead of converted twice
+    for k in list(sd):  # before the tower is read: the file's copy of each tensor goes once converted
+        sd[k] = sd.pop(k).to(dtype)
+    vision_model = _vision_for(weights, vision, saved, dtype)
     if saved:
         cfg = VLMConfig.from_dict(saved["vlm"])
         for k, v in config_overrides.items():
@@ -200,14 +191,37 @@ def load_vlm(weights, vision=None, **config_overrides) -> MiniMindVLM:
             raise WeightsError(f"{weights}: no projector weights (vision_proj.*) in the checkpoint")
         cfg = VLMConfig(lm=infer_lm_config(sd, **config_overrides), vision=vision_model.config, projector_type=kind)
     cfg.vision = vision_model.config
-    model = MiniMindVLM(cfg, vision_model=vision_model)
-    check_state_dict(model.lm_state_dict(), sd, weights)
-    dtype = model.model.embed_tokens.weight.dtype
-    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False)  # vision keys: loaded above
+    # Decoder and projector on the meta device: shapes only, no random init that the checkpoint would
+    # overwrite; the checkpoint's tensors (converted one by one) then become the parameters.
+    with torch.device("meta"):
+        model = MiniMindVLM(cfg, vision_model=vision_model)
+    check_state_dict(model.lm_state_dict(), {**sd, "lm_head.weight": sd["model.embed_tokens.weight"]}, weights)
+    model.load_state_dict(sd, strict=False, assign=True)  # vision keys: loaded with the tower
+    model.lm_head.weight = model.model.embed_tokens.weight
+    # The RoPE tables are derived buffers (not in checkpoints): computed for real now.
+    model.model.freqs_cos, model.model.freqs_sin = rope_tables(cfg.lm.head_dim, cfg.lm.max_position_embeddings,
+                                                               cfg.lm.rope_theta)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert not left, f"not loaded: {left}"  # a bug, not a user error: check_state_dict saw every key
     if saved:
         check_files(weights, saved, check_vision=vision is None)
     check_finite(model, weights)
     return model
+
+
+def _vision_for(weights, vision, saved, dtype) -> CLIPVisionModel:
+    """The tower load_vlm uses: given, from a folder, the one saved with the checkpoint, or random."""
+    if isinstance(vision, CLIPVisionModel):
+        return vision.to(dtype)  # in place (a no-op when it already is): one dtype for the whole model
+    if vision is not None:
+        return CLIPVisionModel.from_pretrained(vision, dtype=dtype)
+    if saved and "vision_folder" in saved:  # a tower trained together with this checkpoint
+        return CLIPVisionModel.from_pretrained(
+            os.path.join(os.path.dirname(os.path.abspath(weights)), saved["vision_folder"]), dtype=dtype)
+    vision_cfg = VisionConfig(**saved["vlm"]["vision"]) if saved else VisionConfig()
+    warnings.warn(f"{weights}: no CLIP vision tower given (vision=...): it is randomly initialised, "
+                  f"image features will be meaningless")
+    return CLIPVisionModel(vision_cfg).to(dtype)
 
 
 def load_lm_weights(model, path):

@@ -132,7 +132,9 @@ def build_sample(conversations, images, tokenizer, run_length, max_length, image
     kept = images[:input_ids.count(tokenizer.placeholder_id) // run_length]
     kept = [im() if callable(im) else im for im in kept]
     if kept:
-        pixel_values = torch.stack([preprocess_image(im, image_size) for im in kept])  # (N, 3, S, S)
+        # A tensor is an image already encoded (features.py's cache): it passes through as it is.
+        pixel_values = torch.stack([im if isinstance(im, torch.Tensor) else preprocess_image(im, image_size)
+                                    for im in kept])  # (N, 3, S, S), or (N, 196, 768) cached features
     else:
         pixel_values = torch.zeros(0, 3, image_size, image_size)  # text-only sample
     sample = {
@@ -233,6 +235,8 @@ class VLMDataset(Dataset):
             cls = ParquetVLMDataset
         return super().__new__(cls)
 
+    features = None  # a features.FileFeatures: cached vision features replace the images (train --features)
+
     def __init__(self, jsonl_path, *, tokenizer, images_dir=None, max_length=640, run_length=196,
                  image_size=224, skip_bad=False, image_loader=load_image):
         self.path = os.fspath(jsonl_path)
@@ -240,7 +244,8 @@ class VLMDataset(Dataset):
         self.images_dir = os.path.dirname(os.path.abspath(self.path)) if images_dir is None else os.fspath(images_dir)
         self.tokenizer, self.max_length, self.run_length = tokenizer, max_length, run_length
         self.image_size, self.skip_bad, self.image_loader = image_size, skip_bad, image_loader
-        tokenizer.check_placeholder(run_length)
+        if tokenizer is not None:  # None: only the images are wanted (features.py)
+            tokenizer.check_placeholder(run_length)
         offsets, line_numbers, pos = [], [], 0
         with open(self.path, "rb") as f:
             for line_no, line in enumerate(f, 1):
@@ -290,22 +295,52 @@ class VLMDataset(Dataset):
 
     def _load(self, idx):
         """-> (sample, what fit_to_length did); DataError located at the file and line."""
-        line_no = int(self.line_numbers[idx])
         try:
-            with open(self.path, "rb") as f:
-                f.seek(int(self.offsets[idx]))
-                line = f.readline()
-            record = parse_json(line)
-            if not isinstance(record, dict) or "conversations" not in record:
-                raise DataError("bad conversations", "no 'conversations' field")
-            if any(record.get(key) for key in TOOL_KEYS):
-                raise DataError("tool calls", "tool and function calls are not supported")
-            names = _image_names(record.get("image"))
-            images = [lambda name=name: self._load_image(name) for name in names]  # loaded only if kept
-            return build_sample(record["conversations"], images, self.tokenizer, self.run_length,
-                                self.max_length, self.image_size)
+            conversations, images = self.record(idx)
+            return self._build(idx, conversations, images)
         except DataError as e:
-            raise type(e)(e.reason, e.detail, where=f"{self.path}:{line_no}: ") from None
+            raise type(e)(e.reason, e.detail, where=f"{self.path}:{int(self.line_numbers[idx])}: ") from None
+
+    def approx_lengths(self) -> np.ndarray:
+        """Approximate tokens per sample for --group-by-length, without tokenizing: the line's bytes / 4
+        (BPE averages a few bytes per token) + run_length per image marker, capped at max_length.
+        Read once, on first use (one sequential pass over the file, ~1 s per 100 MB)."""
+        if getattr(self, "_lengths", None) is None:
+            marker, lengths = IMAGE_MARKER.encode(), np.empty(len(self), dtype=np.int64)
+            with open(self.path, "rb") as f:
+                for i, offset in enumerate(self.offsets):
+                    f.seek(int(offset))
+                    line = f.readline()
+                    lengths[i] = len(line) // 4 + line.count(marker) * self.run_length
+            self._lengths = np.minimum(lengths, self.max_length)
+        return self._lengths
+
+    def record(self, idx):
+        """Sample idx, not tokenized -> (conversations, one zero-argument function per image that loads
+        it): what `_load` builds a sample from, and what features.py encodes the images of."""
+        with open(self.path, "rb") as f:
+            f.seek(int(self.offsets[idx]))
+            line = f.readline()
+        record = parse_json(line)
+        if not isinstance(record, dict) or "conversations" not in record:
+            raise DataError("bad conversations", "no 'conversations' field")
+        if any(record.get(key) for key in TOOL_KEYS):
+            raise DataError("tool calls", "tool and function calls are not supported")
+        names = _image_names(record.get("image"))
+        return record["conversations"], [lambda name=name: self._load_image(name) for name in names]
+
+    def _build(self, idx, conversations, images):
+        """build_sample; with cached features (self.features) the images are never read: the sample
+        holds "image_features" (N, 196, 768) instead of "pixel_values"."""
+        if self.features is None:
+            return build_sample(conversations, images, self.tokenizer, self.run_length, self.max_length,
+                                self.image_size)
+        images = self.features.images(idx, len(images))
+        sample, what = build_sample(conversations, images, self.tokenizer, self.run_length, self.max_length,
+                                    self.image_size)
+        pixel_values = sample.pop("pixel_values")
+        sample["image_features"] = pixel_values if len(pixel_values) else self.features.empty()
+        return sample, what
 
     def _load_image(self, name):
         path = os.path.join(self.images_dir, name)
@@ -345,25 +380,26 @@ def collate_vlm(batch, pad_id=0):
         labels          LongTensor (B, T_max), padded with -100 (never trained)
         attention_mask  LongTensor (B, T_max), 1 for real tokens, 0 for padding
         pixel_values    FloatTensor (B, N_max, 3, S, S), zero-padded; N_max may be 0
+                        (or image_features (B, N_max, 196, 768) when the samples hold cached features)
         image_counts    LongTensor (B,), how many images of pixel_values[b] are real
     """
     B = len(batch)
     T = max(len(s["input_ids"]) for s in batch)
-    N = max(s["pixel_values"].shape[0] for s in batch)
-    C, S = batch[0]["pixel_values"].shape[1], batch[0]["pixel_values"].shape[-1]
+    key = "image_features" if "image_features" in batch[0] else "pixel_values"
+    N = max(s[key].shape[0] for s in batch)
     out = {
         "input_ids": torch.full((B, T), pad_id, dtype=torch.long),
         "labels": torch.full((B, T), IGNORE_INDEX, dtype=torch.long),
         "attention_mask": torch.zeros(B, T, dtype=torch.long),
-        "pixel_values": torch.zeros(B, N, C, S, S),
+        key: torch.zeros(B, N, *batch[0][key].shape[1:]),
         "image_counts": torch.zeros(B, dtype=torch.long),
     }
     for b, s in enumerate(batch):
-        t, n = len(s["input_ids"]), s["pixel_values"].shape[0]
+        t, n = len(s["input_ids"]), s[key].shape[0]
         out["input_ids"][b, :t] = s["input_ids"]
         out["labels"][b, :t] = s["labels"]
         out["attention_mask"][b, :t] = 1
-        out["pixel_values"][b, :n] = s["pixel_values"]
+        out[key][b, :n] = s[key]
         out["image_counts"][b] = n
     return out
 

@@ -103,7 +103,7 @@ def load_model(args):
     except (ValueError, OSError) as e:
         raise UserError(str(e)) from None
     overrides = {"num_attention_heads": args.num_heads} if args.num_heads else {}
-    model = load_vlm(args.weights, vision=args.vision, **overrides)
+    model = load_vlm(args.weights, vision=args.vision, dtype=DTYPES[args.dtype], **overrides)  # no fp32 copy first
     check_tokenizer(model, tokenizer, tok_path, read_meta(args.weights).get("tokenizer_vocab_size"))
     device = resolve_device(args.device)
     return model.to(device=device, dtype=DTYPES[args.dtype]).eval(), tokenizer, device
@@ -151,6 +151,10 @@ def run(args) -> int:
                 print(f"skipped: {e}", file=sys.stderr)  # one bad image must not sink the others
         if not loaded:
             raise UserError(f"none of the {len(files)} images could be read")
+    if os.path.abspath(args.weights) == DEMO_WEIGHTS and any(im.size != (96, 96) for _, im in loaded):
+        # The shapes world renders 96 x 96 scenes; anything else is a photo or a drawing it never saw.
+        print("note: the demo model knows only the synthetic shapes world; about other images it can only "
+              "speak the language of shapes (see the README)")
 
     if args.chat:
         name, image = loaded[0]

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import processing
-from .data import DataError, SampleLog, VLMDataset, asks_first, build_sample, parse_json
+from .data import DataError, SampleLog, VLMDataset, asks_first, parse_json
 from .prompt import IMAGE_MARKER
 
 COLUMNS = ("conversations", "image_bytes")
@@ -125,7 +125,8 @@ class ParquetVLMDataset(VLMDataset):
             raise ValueError(f"{self.path}: a parquet file holds its own images (no images_dir / image_loader)")
         self.tokenizer, self.max_length, self.run_length = tokenizer, max_length, run_length
         self.image_size, self.skip_bad = image_size, skip_bad
-        tokenizer.check_placeholder(run_length)
+        if tokenizer is not None:  # None: only the images are wanted (features.py)
+            tokenizer.check_placeholder(run_length)
         pf = open_parquet(self.path)  # the footer only
         missing = [c for c in COLUMNS if c not in pf.schema_arrow.names]
         if missing:
@@ -177,17 +178,30 @@ class ParquetVLMDataset(VLMDataset):
     def _load(self, idx):
         """-> (sample, what fit_to_length did); DataError located at the file and row."""
         try:
-            stored, cell = self.row(idx)
-            conversations = parse_json(stored) if isinstance(stored, (str, bytes)) else stored
-            if isinstance(conversations, dict) and any(conversations.get(k) for k in ("tools", "functions")):
-                raise DataError("tool calls", "tool and function calls are not supported")
-            # text-only: the image stored anyway (MiniMind-V's 8x8 black placeholder) is dropped undecoded
-            blobs = image_list(cell) if count_markers(conversations) else []
-            images = [lambda b=b, k=k: decode_image(b, k) for k, b in enumerate(blobs)]  # decoded only if kept
-            return build_sample(conversations, images, self.tokenizer, self.run_length, self.max_length,
-                                self.image_size)
+            return self._build(idx, *self.record(idx))
         except DataError as e:
             raise type(e)(e.reason, e.detail, where=f"{self.path}: row {idx}: ") from None
+
+    def approx_lengths(self) -> np.ndarray:
+        """As VLMDataset.approx_lengths, from the conversations column alone (images are not read)."""
+        if getattr(self, "_lengths", None) is None:
+            lengths = []
+            for batch in open_parquet(self.path).iter_batches(batch_size=4096, columns=[COLUMNS[0]]):
+                for text in batch.column(0).to_pylist():
+                    text = text if isinstance(text, str) else json.dumps(text, ensure_ascii=False)
+                    lengths.append(len(text.encode()) // 4 + text.count(IMAGE_MARKER) * self.run_length)
+            self._lengths = np.minimum(np.array(lengths, dtype=np.int64), self.max_length)
+        return self._lengths
+
+    def record(self, idx):
+        """Row idx -> (conversations, one zero-argument function per image that decodes it)."""
+        stored, cell = self.row(idx)
+        conversations = parse_json(stored) if isinstance(stored, (str, bytes)) else stored
+        if isinstance(conversations, dict) and any(conversations.get(k) for k in ("tools", "functions")):
+            raise DataError("tool calls", "tool and function calls are not supported")
+        # text-only: the image stored anyway (MiniMind-V's 8x8 black placeholder) is dropped undecoded
+        blobs = image_list(cell) if count_markers(conversations) else []
+        return conversations, [lambda b=b, k=k: decode_image(b, k) for k, b in enumerate(blobs)]  # decoded if kept
 
     @property
     def question_first(self):

@@ -56,6 +56,10 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
       help="also train the last K decoder layers (0 = projector only; -1 = the whole decoder)")
     a("--train-vision", action=argparse.BooleanOptionalAction, default=None,
       help="train the vision tower too (the tiny recipe does: it has no pretrained CLIP)")
+    a("--features", default=None, metavar="DIR",
+      help="a store of the frozen tower's output (python -m minivlm.features): images are neither decoded nor encoded")
+    a("--group-by-length", action=argparse.BooleanOptionalAction, default=False,
+      help="batches of samples of similar length (less padding; LLaVA's group_by_modality_length idea)")
     a("--vision-lr", type=float, default=None, help="learning rate of the vision tower (default: --lr)")
     a("--epochs", type=positive_int, default=None, help="passes over the data")
     a("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps (budget in steps)")
@@ -80,7 +84,7 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     a("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
       help="compute dtype (autocast); auto = bf16 on a GPU that supports it, else fp32")
     a("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    a("--compile", action="store_true", help="torch.compile the model")
+    a("--compile", action="store_true", help="torch.compile the decoder as one graph (the splice stays eager)")
     a("--num-workers", type=int, default=None, help="DataLoader worker processes (default: min(4, cpus-1))")
     a("--threads", type=int, default=None,
       help="torch CPU threads (default: torch's choice); 1 is much faster on a CPU shared with other jobs")

@@ -64,9 +64,11 @@ class EpochSampler(Sampler):
     in random order, rows shuffled within each, so a row group is read once per epoch and not once per
     sample (reading a row group costs milliseconds to a second)."""
 
-    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, group_sizes=None):
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, group_sizes=None, lengths=None,
+                 batch_size: int = 1):
         self.n, self.seed, self.rank, self.world = n, seed, rank, world
         self.group_sizes = group_sizes
+        self.lengths, self.batch_size = lengths, batch_size  # lengths: --group-by-length
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0):
@@ -77,6 +79,8 @@ class EpochSampler(Sampler):
             perm = torch.from_numpy(grouped_order(self.group_sizes, np.random.default_rng(self.seed + self.epoch)))
         else:
             perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        if self.lengths is not None:
+            perm = length_grouped(perm, self.lengths, self.batch_size * self.world, self.seed + self.epoch)
         per_rank = self.n // self.world  # equal shares, so all ranks take the same number of steps
         return perm[self.rank:per_rank * self.world:self.world][self.start:].tolist()
 
@@ -85,6 +89,27 @@ class EpochSampler(Sampler):
 
     def __len__(self):
         return self.n // self.world - self.start
+
+
+def length_grouped(perm: torch.Tensor, lengths, batch: int, seed: int, mega: int = 64) -> torch.Tensor:
+    """LLaVA's length grouping: cut the shuffled order into "megabatches" of `mega` batches, sort each
+    by length (longest first), cut it into batches, and shuffle the order of all batches. A batch then
+    holds samples of similar length (little padding), while which samples meet stays random.
+    `batch` = samples of one step across all ranks: rank r takes every world-th sample of a batch, so
+    each rank's micro-batch comes from the same group. Deterministic in `seed`."""
+    lengths = torch.as_tensor(lengths)
+    chunks = [c[torch.argsort(lengths[c], descending=True, stable=True)] for c in perm.split(batch * mega)]
+    batches = list(torch.cat(chunks).split(batch)) if chunks else []
+    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed + 1_000_003))
+    return torch.cat([batches[i] for i in order.tolist()]) if batches else perm
+
+
+def approx_lengths(dataset):
+    """Per-sample approximate token counts of a dataset (or ConcatDataset) for --group-by-length."""
+    parts = getattr(dataset, "datasets", [dataset])
+    if not all(hasattr(d, "approx_lengths") for d in parts):
+        raise UserError("--group-by-length needs --data files (synthetic data has no lengths to group by)")
+    return np.concatenate([d.approx_lengths() for d in parts])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,6 +215,9 @@ def build_dataset(stage, args, tokenizer, cfg):
                         image_size=cfg.vision.image_size, skip_bad=args.skip_bad,
                         **({} if str(path).endswith(".parquet") else {"images_dir": args.images}))
              for path in paths]
+    if getattr(args, "features", None):  # the tower's output cached by `python -m minivlm.features`
+        from .features import use_store
+        use_store(args, parts[0] if len(parts) == 1 else ConcatDataset(parts), cfg.vision, paths)
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
@@ -200,7 +228,9 @@ def question_first(dataset) -> bool:
 
 
 def build_loader(args, dataset, env: Setup, pad_id: int):
-    sampler = EpochSampler(len(dataset), args.seed, env.rank, env.world, getattr(dataset, "group_sizes", None))
+    lengths = approx_lengths(dataset) if getattr(args, "group_by_length", False) else None
+    sampler = EpochSampler(len(dataset), args.seed, env.rank, env.world, getattr(dataset, "group_sizes", None),
+                           lengths, args.batch_size)
     # Its own generator: starting an iterator draws the workers' base seed, which must not come from
     # (and advance) the global RNG that dropout uses, or a resumed run would drop different units.
     generator = torch.Generator()
@@ -222,7 +252,7 @@ def build_loader(args, dataset, env: Setup, pad_id: int):
 
 def wrap_model(args, model, env: Setup):
     """The module the loop calls: compiled and/or wrapped in DDP; `model` itself is what gets saved."""
-    train_model = torch.compile(model) if args.compile else model
+    train_model = model.compile_decoder() if args.compile else model  # the splice stays eager: no graph breaks
     if env.world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
@@ -262,8 +292,9 @@ def train_step(args, env: Setup, train_model, model, optimizer, scaler, batches,
         sync = micro == args.grad_accum - 1 or env.world == 1
         ctx = contextlib.nullcontext() if sync else train_model.no_sync()
         with ctx, autocast(env.device, env.dtype):
-            out = train_model(batch["input_ids"], batch["pixel_values"], labels=batch["labels"],
-                              image_counts=batch["image_counts"])
+            # With --features the batch holds the tower's cached output instead of pixel_values.
+            out = train_model(batch["input_ids"], batch.get("pixel_values"), labels=batch["labels"],
+                              image_counts=batch["image_counts"], image_features=batch.get("image_features"))
             loss = out.loss / args.grad_accum
         scaler.scale(loss).backward()
         meter.loss += loss.detach()

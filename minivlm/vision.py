@@ -184,15 +184,23 @@ class CLIPVisionModel(nn.Module):
     # Loading a Hugging Face CLIP folder (full CLIPModel or vision-only CLIPVisionModel)
 
     @classmethod
-    def from_pretrained(cls, folder, **overrides) -> "CLIPVisionModel":
+    def from_pretrained(cls, folder, dtype: torch.dtype | None = None, **overrides) -> "CLIPVisionModel":
+        """Load the tower of a Hugging Face CLIP folder, its weights in `dtype` (default float32).
+
+        Memory: the module is built on the meta device (shapes only: no random initialisation, which
+        would be overwritten anyway), only the vision tensors are read from the file, each converted
+        to `dtype` as it is read, and they become the parameters themselves (assign=True): the peak
+        is the tower's own size plus one tensor.
+        """
         config = read_clip_config(folder, **overrides)
-        model = cls(config)
-        sd = read_clip_weights(folder)
+        with torch.device("meta"):
+            model = cls(config)
+        # A full CLIPModel also holds the text tower and projections: never read, not ours to load.
+        sd = read_clip_weights(folder, keys=lambda k: not k.startswith(_NOT_VISION), dtype=dtype or torch.float32)
         if "embeddings.patch_embedding.weight" in sd:  # newer vision-only saves drop the prefix
             sd = {f"vision_model.{k}": v for k, v in sd.items()}
-        # A full CLIPModel also holds the text tower and projections: those are not ours to load.
         ours = {k: v for k, v in sd.items() if k.startswith("vision_model.")}
-        load_checked(model, ours, os.fspath(folder))
+        load_checked(model, ours, os.fspath(folder), assign=True)
         return model
 
     def save_pretrained(self, folder):
@@ -228,11 +236,15 @@ def read_clip_config(folder, **overrides) -> VisionConfig:
     return VisionConfig(**fields)
 
 
-def read_clip_weights(folder) -> dict[str, torch.Tensor]:
-    """model.safetensors if present, else pytorch_model.bin."""
+# Keys of a full CLIP file that the vision tower never needs.
+_NOT_VISION = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
+
+
+def read_clip_weights(folder, keys=None, dtype=None) -> dict[str, torch.Tensor]:
+    """model.safetensors if present, else pytorch_model.bin. keys / dtype: see weights.read_safetensors."""
     folder = os.fspath(folder)
     for name in ("model.safetensors", "pytorch_model.bin"):
         path = os.path.join(folder, name)
         if os.path.isfile(path):
-            return load_state_dict(path)
+            return load_state_dict(path, keys, dtype)
     raise WeightsError(f"{folder}: no model.safetensors or pytorch_model.bin found")

@@ -67,6 +67,16 @@ class MiniMindVLM(MiniMindLM):
         self.vision_encoder.requires_grad_(False)  # frozen unless a training recipe unfreezes it
         self.vision_proj = VisionProjector(config.projector_type, config.vision.hidden_size, config.lm.hidden_size)
         self.vision_proj.apply(self._init_weights)
+        self._decoder = None  # compile_decoder(): the compiled decoder forward
+
+    def compile_decoder(self, **compile_kwargs):
+        """torch.compile the decoder (everything after the splice) as one graph.
+
+        Compiling the whole VLM would break the graph at every data-dependent step of the splice
+        (nonzero, the run-count checks: 8 breaks). Those stay eager here, and fullgraph=True makes any
+        break in the decoder an error instead of a silent slowdown."""
+        self._decoder = torch.compile(super().forward, fullgraph=True, **compile_kwargs)
+        return self
 
     @property
     def placeholder_id(self) -> int:
@@ -83,13 +93,17 @@ class MiniMindVLM(MiniMindLM):
             feats = self.vision_encoder.select_features(pixel_values)  # (M, 196, 768)
         return self.vision_proj(feats)  # (M, 196, 512)
 
-    def splice_images(self, input_ids, embeds, pixel_values, image_counts=None):
+    def splice_images(self, input_ids, embeds, pixel_values, image_counts=None, image_features=None):
         """Write image k of sample b over run k of sample b. Vectorised: one indexed assignment.
 
         pixel_values: (B, N, 3, H, W), or (B, 3, H, W) for one image each. image_counts (B,) says how
         many of the N slots of each sample are real (the rest is padding); default: all N.
+        image_features: (B, N, 196, 768), the vision tower's output computed beforehand (features.py's
+        cache), given instead of pixel_values: the tower is then not run.
         """
-        if pixel_values.dim() == 4:
+        if image_features is not None:
+            pixel_values = image_features  # only its first two dimensions are read below
+        elif pixel_values.dim() == 4:
             pixel_values = pixel_values[:, None]
         B, N = pixel_values.shape[:2]
         if pixel_values.shape[0] != input_ids.shape[0]:
@@ -105,7 +119,10 @@ class MiniMindVLM(MiniMindLM):
         if not runs.any():
             return embeds
         real = torch.arange(N, device=counts.device)[None, :] < counts[:, None]  # (B, N)
-        images = self.encode_images(pixel_values[real])  # (M, L, h), ordered by (sample, image)
+        if image_features is not None:
+            images = self.vision_proj(image_features[real])  # (M, L, h), ordered by (sample, image)
+        else:
+            images = self.encode_images(pixel_values[real])
         b_idx, s_idx = starts.nonzero(as_tuple=True)  # (M,) each, same (sample, run) order
         pos = s_idx[:, None] + torch.arange(self.run_length, device=s_idx.device)  # (M, L)
         embeds = embeds.clone()
@@ -114,17 +131,20 @@ class MiniMindVLM(MiniMindLM):
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, past_key_values=None,
                 use_cache=False, image_counts=None, logits_to_keep=0, position_ids=None,
-                output_attentions=False) -> LMOutput:
+                output_attentions=False, image_features=None) -> LMOutput:
         embeds = self.model.embed_tokens(input_ids)  # (B, T, h)
         prefill = past_key_values is None or past_key_values.length == 0
-        if pixel_values is not None and prefill:
-            embeds = self.splice_images(input_ids, embeds, pixel_values, image_counts)
+        if (pixel_values is not None or image_features is not None) and prefill:
+            embeds = self.splice_images(input_ids, embeds, pixel_values, image_counts, image_features)
         elif prefill and (input_ids == self.placeholder_id).any():
             find_image_runs(input_ids, self.placeholder_id, self.run_length)  # broken runs still raise
             raise ValueError("the prompt holds image placeholder runs but no pixel_values were given")
-        return super().forward(inputs_embeds=embeds, attention_mask=attention_mask, past_key_values=past_key_values,
-                               use_cache=use_cache, logits_to_keep=logits_to_keep, position_ids=position_ids,
-                               labels=labels, output_attentions=output_attentions)
+        # The compiled decoder serves training and single forwards; decoding with a KV cache stays eager.
+        decoder = self._decoder if self._decoder is not None and past_key_values is None and not use_cache \
+            else super().forward
+        return decoder(inputs_embeds=embeds, attention_mask=attention_mask, past_key_values=past_key_values,
+                       use_cache=use_cache, logits_to_keep=logits_to_keep, position_ids=position_ids,
+                       labels=labels, output_attentions=output_attentions)
 
     def lm_state_dict(self) -> dict:
         """The weights a MiniMind-V checkpoint holds: everything but the (separately stored) CLIP tower."""

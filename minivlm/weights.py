@@ -38,39 +38,74 @@ class WeightsError(ValueError):
     """A weight file is unreadable or does not fit the model; the message names the file and keys."""
 
 
-def read_safetensors(path) -> dict[str, torch.Tensor]:
+def read_safetensors(path, keys=None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Read tensors from a `.safetensors` file: all of them, or only `keys` (a collection of names or a
+    predicate name -> bool), converted to `dtype` (floating-point tensors only) when given.
+
+    Only the header and the byte ranges of the wanted tensors are read, one tensor at a time, straight
+    into the tensor that keeps them (or, when converting, into one reused scratch buffer): loading the
+    vision tower out of a full CLIP folder (571 MB, text tower included) reads its 343 MB and nothing
+    else, and allocates nothing but the tensors it returns. (A fresh temporary per tensor would leave
+    the heap fragmented: ~100 MB of freed-but-held memory was measured for ViT-B/16 in bf16.)
+    """
     path = os.fspath(path)
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        data = f.read()
-    if len(data) < 8:
-        raise WeightsError(f"{path}: too short to be a .safetensors file ({len(data)} bytes)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if 8 + n > len(data):
-        raise WeightsError(f"{path}: header length {n} runs past the end of the file ({len(data)} bytes)")
+        header, body_start = _read_header(f, path, size)
+        wanted = keys if keys is None or callable(keys) else set(keys).__contains__
+        tensors, scratch = {}, torch.empty(0, dtype=torch.uint8)
+        for name, info in header.items():
+            if name == "__metadata__" or (wanted is not None and not wanted(name)):
+                continue
+            stored, shape, nbytes = _check_entry(path, name, info, size - body_start)
+            f.seek(body_start + info["data_offsets"][0])
+            convert = dtype is not None and stored.is_floating_point and stored != dtype
+            if not convert:
+                t = torch.empty(shape, dtype=stored)
+                _read_into(f, t.reshape(-1).view(torch.uint8) if nbytes else t, path, name)
+            else:
+                if scratch.numel() < nbytes:
+                    scratch = torch.empty(nbytes, dtype=torch.uint8)
+                _read_into(f, scratch[:nbytes], path, name)
+                t = scratch[:nbytes].view(stored).reshape(shape).to(dtype)
+            tensors[name] = t
+    return tensors
+
+
+def _read_header(f, path, size):
+    """-> (header dict, offset of the first tensor byte)."""
+    if size < 8:
+        raise WeightsError(f"{path}: too short to be a .safetensors file ({size} bytes)")
+    (n,) = struct.unpack("<Q", f.read(8))
+    if 8 + n > size:
+        raise WeightsError(f"{path}: header length {n} runs past the end of the file ({size} bytes)")
     try:
-        header = json.loads(data[8:8 + n])
+        header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise WeightsError(f"{path}: header is not valid JSON ({e})") from None
-    body = memoryview(data)[8 + n:]
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise WeightsError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-        shape, (begin, end) = info["shape"], info["data_offsets"]
-        numel = 1
-        for s in shape:
-            numel *= s
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if end - begin != numel * itemsize or end > len(body):
-            raise WeightsError(f"{path}: tensor {name!r} of shape {shape} does not fit its byte range "
-                               f"[{begin}, {end}) in a {len(body)}-byte body")
-        # bytearray(...) copies into a writable buffer that the tensor can own.
-        flat = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype) if numel else torch.empty(0, dtype=dtype)
-        tensors[name] = flat.reshape(shape)
-    return tensors
+    return header, 8 + n
+
+
+def _check_entry(path, name, info, body_len):
+    """One header entry -> (dtype, shape, byte count), or a WeightsError if it cannot be read."""
+    dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+    if dtype is None:
+        raise WeightsError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+    shape, (begin, end) = info["shape"], info["data_offsets"]
+    numel = 1
+    for s in shape:
+        numel *= s
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if end - begin != numel * itemsize or end > body_len:
+        raise WeightsError(f"{path}: tensor {name!r} of shape {shape} does not fit its byte range "
+                           f"[{begin}, {end}) in a {body_len}-byte body")
+    return dtype, shape, end - begin
+
+
+def _read_into(f, dest: torch.Tensor, path, name):
+    """Fill the uint8 tensor `dest` from the file's current position."""
+    if dest.numel() and f.readinto(memoryview(dest.numpy())) != dest.numel():
+        raise WeightsError(f"{path}: tensor {name!r} ends early (file truncated while reading?)")
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None):
@@ -92,22 +127,34 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str
     atomic_write(path, [struct.pack("<Q", len(head)), head, *chunks])
 
 
-def load_state_dict(path) -> dict[str, torch.Tensor]:
-    """A `.safetensors` file through our reader, anything else through torch.load(weights_only=True)."""
+def load_state_dict(path, keys=None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A `.safetensors` file through our reader, anything else through torch.load(weights_only=True).
+    keys / dtype: as in read_safetensors (only those tensors, converted to that floating-point dtype)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise WeightsError(f"{path}: weights file not found")
     if path.endswith(".safetensors"):
-        return read_safetensors(path)
+        return read_safetensors(path, keys, dtype)
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: tensors are read from the file when touched; those not wanted are never read.
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except TORCH_LOAD_ERRORS as e:  # weights_only: a pickle that would run code is an UnpicklingError
         raise WeightsError(f"{path}: cannot be read by torch.load ({type(e).__name__}: {e})") from None
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]  # a training checkpoint that wraps the weights
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(f"{path}: expected a state dict (name -> tensor), got {type(sd).__name__}")
+    if keys is not None:
+        wanted = keys if callable(keys) else set(keys).__contains__
+        sd = {k: v for k, v in sd.items() if wanted(k)}
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     return sd
+
+
+def _is_zip(path) -> bool:
+    """torch.save's zip format (since torch 1.6) can be memory-mapped; the legacy format cannot."""
+    return zipfile.is_zipfile(path)
 
 
 def check_state_dict(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], source: str):
@@ -125,15 +172,16 @@ def check_state_dict(expected: dict[str, torch.Tensor], got: dict[str, torch.Ten
         raise WeightsError(f"{source}: weights do not fit the model: " + "; ".join(problems))
 
 
-def load_checked(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str):
+def load_checked(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str, assign: bool = False):
     """`module.load_state_dict` that names every missing / unexpected / mis-shaped key.
 
     Hugging Face CLIP files may hold `*.position_ids` buffers (just arange(77) / arange(197)); we
-    compute positions, so those are dropped first.
+    compute positions, so those are dropped first. assign=True makes the given tensors the module's
+    parameters (no copy): what a module built on the meta device needs.
     """
     sd = {k: v for k, v in state_dict.items() if not k.endswith("position_ids")}
     check_state_dict(module.state_dict(), sd, source)
-    module.load_state_dict(sd)
+    module.load_state_dict(sd, assign=assign)
 
 
 def read_json(path) -> dict:

@@ -37,6 +37,10 @@ def test_quick_run_writes_the_documented_json(tmp_path):
     mem = g["inference_memory"]
     assert _positive(mem["weights_mb"]) and _positive(mem["kv_cache_mb"])
     assert mem["peak_mb"] is None  # measured on GPU only
+    roof = g["roofline"]
+    assert _positive(roof["bandwidth_gb_s"]) and _positive(roof["best_ms_per_token"])
+    assert roof["best_ms_per_token"] < roof["measured_ms_per_token"]  # a bound, not a measurement
+    assert g["load_memory"] == {}  # skipped with --quick (it writes a 571 MB CLIP folder)
 
     t = r["train"]
     assert _positive(t["flops_per_step"]["total"])
@@ -135,3 +139,19 @@ def test_flop_counts_use_the_models_own_matmul_weights():
     ffn = 3 * dense.hidden_size * dense.intermediate_size
     extra = ffn * (moe.num_experts_per_tok + moe.n_shared_experts - 1) + moe.hidden_size * moe.n_routed_experts
     assert flops.lm_matmul_params(moe) == flops.lm_matmul_params(dense) + moe.num_hidden_layers * extra
+
+
+def test_quick_epoch_section_reports_both_systems(tmp_path):
+    out = tmp_path / "epoch.json"
+    assert bench.main(["epoch", "--quick", "--device", "cpu", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())["epoch"]
+    for stage in ("pretrain", "sft"):
+        s = r[stage]
+        for name in ("minivlm", "baseline"):
+            for field in ("cpu_s", "samples_per_cpu_s", "useful_tokens_per_cpu_s"):
+                assert _positive(s[name][field]), (stage, name, field)
+            assert 0 <= s[name]["padding_fraction"] < 1
+        # the baseline pads every sample to max_length: never less padding than dynamic padding
+        assert s["baseline"]["padding_fraction"] >= s["minivlm"]["padding_fraction"]
+        assert s["minivlm"]["samples"] == s["baseline"]["samples"]
+        assert _positive(s["ratio_per_epoch"]) and s["tokens"]["min"] <= s["tokens"]["median"] <= s["tokens"]["max"]

@@ -1,5 +1,6 @@
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -143,3 +144,77 @@ def test_2025_02_layout_converts_to_the_same_logits(tmp_path):
     # renaming alone (no row permutation) would NOT give the same logits
     renamed = convert_2025_02(old, 4)
     assert not torch.equal(renamed["model.layers.0.self_attn.q_proj.weight"], old["layers.0.attention.wq.weight"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading lean: only the wanted tensors, straight into the destination dtype, no random init
+
+FIX_CLIP = os.path.join(os.path.dirname(__file__), "fixtures", "clip_tiny")
+
+
+def test_reading_a_subset_equals_reading_all_then_selecting():
+    path = f"{FIX_CLIP}/model.safetensors"
+    every = read_safetensors(path)
+    wanted = [k for k in every if k.startswith("vision_model.encoder.layers.1.")]
+    for keys in (wanted, lambda k: k.startswith("vision_model.encoder.layers.1.")):
+        got = read_safetensors(path, keys=keys)
+        assert list(got) == wanted and all(torch.equal(got[k], every[k]) for k in wanted)
+    bf16 = read_safetensors(path, keys=wanted, dtype=torch.bfloat16)
+    assert all(bf16[k].dtype == torch.bfloat16 and torch.equal(bf16[k], every[k].bfloat16()) for k in wanted)
+
+
+@pytest.fixture
+def init_calls(monkeypatch):
+    """Records every nn.init call that touches real memory (a meta tensor costs nothing)."""
+    calls = []
+    for name in ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_"):
+        original = getattr(torch.nn.init, name)
+
+        def spy(tensor, *a, _original=original, _name=name, **kw):
+            if not tensor.is_meta:
+                calls.append((_name, tuple(tensor.shape)))
+            return _original(tensor, *a, **kw)
+
+        monkeypatch.setattr(torch.nn.init, name, spy)
+    return calls
+
+
+def test_clip_tower_loads_in_bf16_without_random_init(init_calls):
+    tower = CLIPVisionModel.from_pretrained(FIX_CLIP, dtype=torch.bfloat16)
+    assert init_calls == []  # before: every Linear was randomly initialised, then overwritten
+    assert {p.dtype for p in tower.parameters()} == {torch.bfloat16}
+    ref = read_safetensors(f"{FIX_CLIP}/model.safetensors")
+    assert torch.equal(tower.vision_model.post_layernorm.weight, ref["vision_model.post_layernorm.weight"].bfloat16())
+
+
+def test_load_vlm_in_bf16_without_random_init(tmp_path, init_calls):
+    torch.manual_seed(0)
+    m = MiniMindVLM(cfg(), placeholder_id=34).eval()
+    m.vision_encoder.save_pretrained(tmp_path / "clip")
+    save_vlm(m, tmp_path / "vlm.pth", dtype=torch.float32)
+    init_calls.clear()
+    loaded = load_vlm(tmp_path / "vlm.pth", vision=tmp_path / "clip", dtype=torch.bfloat16).eval()
+    assert init_calls == []
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # still tied: one parameter
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    ids, px = torch.tensor([[1, 34, 34, 34, 34, 5, 6]]), torch.randn(1, 1, 3, 32, 32)
+    torch.testing.assert_close(loaded(ids, px.bfloat16()).logits.float(), m(ids, px).logits, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_fused_projections_keep_checkpoint_keys_and_answers(tmp_path, moe):
+    from minivlm.generate import SamplingConfig, generate
+    torch.manual_seed(0)
+    m = MiniMindVLM(cfg(use_moe=moe), placeholder_id=34).eval()
+    ids, px = torch.tensor([[1, 34, 34, 34, 34, 5, 6]]), torch.randn(1, 1, 3, 32, 32)
+    ref, keys = m(ids, px).logits, set(m.state_dict())
+    tokens = generate(m, ids, px, cfg=SamplingConfig(max_new_tokens=6), eos_id=None)
+    m.fuse_projections()
+    assert m.model.layers[0].self_attn.qkv_proj is not None and set(m.state_dict()) == keys
+    torch.testing.assert_close(m(ids, px).logits, ref)
+    assert torch.equal(generate(m, ids, px, cfg=SamplingConfig(max_new_tokens=6), eos_id=None), tokens)
+    save_vlm(m, tmp_path / "fused.pth", dtype=torch.float32)  # the saved file has the usual keys
+    plain = load_vlm(tmp_path / "fused.pth", vision=m.vision_encoder).eval()
+    torch.testing.assert_close(plain(ids, px).logits, ref)
+    plain.fuse_projections().load_state_dict(m.state_dict())  # a fused model reads the usual keys too

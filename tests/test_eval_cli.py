@@ -11,6 +11,7 @@ from PIL import Image
 from minivlm.inference import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLES = os.path.join(ROOT, "minivlm", "demo", "samples")
 
 
 def run_cli(capsys, *argv):
@@ -132,6 +133,10 @@ def test_out_of_the_box_demo_answers_about_the_samples():
     # the ground truth of shapes_1.png is in minivlm/demo/samples/LICENSES.md
     answer = r.stdout.split("[shapes_1.png] Describe the image.\nvlm> ")[1].splitlines()[0]
     assert answer == "a small white circle on the right"
+    assert r.stdout.count("note: the demo model knows only the synthetic shapes world") == 1  # the photos
+    shapes_only = subprocess.run([sys.executable, "eval_vlm.py", "--images", os.path.join(SAMPLES, "shapes_1.png"),
+                                  "--max-new-tokens", "2"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert shapes_only.returncode == 0 and "note:" not in shapes_only.stdout
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(ROOT, "minivlm", "demo", "model"))
                for f in fs)
     assert size < 15e6

@@ -178,3 +178,130 @@ def test_epoch_sampler_reads_parquet_row_groups_one_after_another():
     assert s0.indices() != EpochSampler(12, 1, 0, 2, groups).indices()  # a new order each epoch
     s0.set_epoch(0, start=2)
     assert s0.indices() == EpochSampler(12, 1, 0, 2, groups).indices()[2:]  # resume mid-epoch
+
+
+# ---------------------------------------------------------------------------------------------
+# The frozen-vision feature cache (minivlm.features, train --features)
+
+
+def test_fp32_feature_cache_trains_bit_for_bit_like_the_tower(shapes_dir, shapes_tokenizer_path, tmp_path, capsys):
+    from minivlm.features import main as features_main
+    from minivlm.vision import CLIPVisionModel
+    torch.manual_seed(0)
+    vision, store = tmp_path / "clip", tmp_path / "feats"
+    CLIPVisionModel(vlm_preset("tiny").vision).save_pretrained(vision)
+    data = str(shapes_dir / "pretrain.jsonl")
+    assert features_main(["--data", data, "--vision", str(vision), "--out", str(store), "--dtype", "fp32",
+                          "--batch-size", "4", "--device", "cpu"]) == 0
+    run = lambda out, *extra: main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, tmp_path / out,
+                                                         "pretrain.jsonl", "--vision", str(vision), "--max-steps",
+                                                         "4", "--dtype", "fp32", "--device", "cpu", *extra))
+    assert run("plain", "--no-train-vision") == 0
+    assert run("cached", "--no-train-vision", "--features", str(store)) == 0
+    a = torch.load(tmp_path / "plain" / "resume_pretrain.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cached" / "resume_pretrain.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in read_csv(tmp_path / "plain" / "log_pretrain.csv")] == \
+           [r["loss"] for r in read_csv(tmp_path / "cached" / "log_pretrain.csv")]
+    capsys.readouterr()
+
+    # refused, one line each: a trained tower, another tower, a store whose run was killed
+    assert run("r1", "--train-vision", "--features", str(store)) == 2
+    assert "cannot be trained" in capsys.readouterr().out
+    other = tmp_path / "clip2"
+    CLIPVisionModel(vlm_preset("tiny").vision).save_pretrained(other)
+    assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, tmp_path / "r2", "pretrain.jsonl",
+                                      "--vision", str(other), "--no-train-vision", "--features", str(store))) == 2
+    assert "made with vision sha256" in capsys.readouterr().out
+    manifest = json.loads((store / "manifest.json").read_text())
+    (store / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    assert run("r3", "--no-train-vision", "--features", str(store)) == 2
+    assert "incomplete store" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# --group-by-length
+
+
+def test_length_grouping_is_a_deterministic_permutation_that_cuts_padding():
+    from minivlm.train import length_grouped
+    lengths = torch.randint(50, 1500, (1000,), generator=torch.Generator().manual_seed(0))
+    s = EpochSampler(1000, seed=3, lengths=lengths, batch_size=8)
+    order = s.indices()
+    assert sorted(order) == list(range(1000)) and order == EpochSampler(1000, 3, lengths=lengths, batch_size=8).indices()
+    s.set_epoch(1)
+    assert s.indices() != order  # reshuffled every epoch
+
+    def padding(idx):
+        batches = torch.as_tensor(idx).split(8)
+        return sum(int(lengths[b].max() * len(b) - lengths[b].sum()) for b in batches)
+
+    assert padding(order) < 0.1 * padding(EpochSampler(1000, seed=3).indices())
+    # two ranks: each rank's micro-batch comes from the same group of similar lengths
+    r0, r1 = (EpochSampler(1000, 3, rank, 2, lengths=lengths, batch_size=4).indices() for rank in (0, 1))
+    assert sorted(r0 + r1) == list(range(1000))
+    assert torch.equal(length_grouped(torch.arange(10), torch.ones(10), 4, 0).sort().values, torch.arange(10))
+
+
+def test_resume_with_length_grouping_is_bit_identical(shapes_dir, shapes_tokenizer_path, tmp_path, capsys):
+    common = ["--max-steps", "12", "--save-every", "5", "--epochs", "2", "--lr", "2e-3", "--batch-size", "6",
+              "--group-by-length"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, a, "sft.jsonl", *common)) == 0
+    assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, b, "sft.jsonl", *common,
+                                      "--stop-after", "7")) == 0
+    capsys.readouterr()
+    assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, b, "sft.jsonl",
+                                      *common[:-1], "--resume")) == 2  # grouping switched off: refused
+    assert "--group-by-length True -> False" in capsys.readouterr().out
+    assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, b, "sft.jsonl", *common, "--resume")) == 0
+    sa = torch.load(a / "resume_pretrain.pt", weights_only=True)["model"]
+    sb = torch.load(b / "resume_pretrain.pt", weights_only=True)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_compiled_decoder_matches_eager_without_graph_breaks():
+    # fullgraph=True: a graph break anywhere in the decoder would raise instead of passing slowly
+    torch.manual_seed(0)
+    m = MiniMindVLM(vlm_preset("tiny"))
+    set_trainable(m, "sft", 0, False)
+    L = m.run_length
+    ids = torch.cat([torch.full((2, L), m.placeholder_id), torch.randint(3, 30, (2, 20))], 1)
+    px = torch.randn(2, 1, 3, 96, 96)
+    eager = m(ids, px, labels=ids)
+    eager.loss.backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+    compiled = m.compile_decoder()(ids, px, labels=ids)
+    compiled.loss.backward()
+    torch.testing.assert_close(compiled.loss, eager.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled.logits, eager.logits, atol=1e-4, rtol=1e-4)
+    for n, g in grads.items():
+        torch.testing.assert_close(m.get_parameter(n).grad, g, atol=1e-4, rtol=1e-3, msg=n)
+
+
+def test_feature_store_of_a_parquet_file_serves_the_towers_output(shapes_dir, shapes_tokenizer_path, tmp_path):
+    from minivlm.data import VLMDataset
+    from minivlm.features import FeatureStore, attach, build_store
+    from minivlm.parquet import write_parquet
+    from minivlm.processing import load_image, preprocess_image
+    from minivlm.tokenizer import Tokenizer
+    from minivlm.vision import CLIPVisionModel
+    torch.manual_seed(0)
+    CLIPVisionModel(vlm_preset("tiny").vision).save_pretrained(tmp_path / "clip")
+    records = [json.loads(line) for line in open(shapes_dir / "pretrain.jsonl")][:6]
+    pq = str(tmp_path / "d.parquet")
+    write_parquet(pq, [(r["conversations"], [(shapes_dir / r["image"]).read_bytes()]) for r in records], 4)
+    m = build_store([pq], None, str(tmp_path / "clip"), str(tmp_path / "feats"), "fp16", batch_size=4)
+    assert m["complete"] and m["images"] == 6 and m["offsets"] == list(range(7))
+    assert (tmp_path / "feats" / "features.bin").stat().st_size == 6 * 36 * 128 * 2  # tiny: 36 patches x 128
+    cfg = vlm_preset("tiny")
+    ds = VLMDataset(pq, tokenizer=Tokenizer.from_file(shapes_tokenizer_path), max_length=128,
+                    run_length=cfg.run_length, image_size=cfg.vision.image_size)
+    attach(FeatureStore(tmp_path / "feats"), ds)
+    sample = ds[3]
+    assert "pixel_values" not in sample and sample["image_features"].shape == (1, 36, 128)
+    tower = CLIPVisionModel.from_pretrained(tmp_path / "clip").eval()
+    with torch.no_grad():
+        want = tower.select_features(preprocess_image(load_image(shapes_dir / records[3]["image"]), 96)[None])
+    torch.testing.assert_close(sample["image_features"], want.half().float())
