@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(ROOT, "notebooks")
 NAMES = sorted(f for f in os.listdir(NOTEBOOKS) if f.endswith(".ipynb")) if os.path.isdir(NOTEBOOKS) else []
 CELL_TIMEOUT = 300  # seconds per cell; each notebook takes well under a minute on 2 CPU cores
+MIN_EXERCISES = 3  # per notebook: a markdown "**Exercise N**" cell, then the learner's code cell with an assert
 MAX_SIZE = 300 * 1024  # committed notebooks (with their outputs) stay small
 
 
@@ -47,6 +48,17 @@ def test_committed_notebook_holds_its_outputs(name):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), "not executed in order"
     assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_has_exercises(name):
+    """At least MIN_EXERCISES exercises: a markdown cell containing "Exercise", and right after it a code cell
+    (the learner's answer) that checks the answer with an assert."""
+    cells = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4).cells
+    checked = [i for i, c in enumerate(cells[:-1])
+               if c.cell_type == "markdown" and "Exercise" in c.source
+               and cells[i + 1].cell_type == "code" and "assert" in cells[i + 1].source]
+    assert len(checked) >= MIN_EXERCISES, f"{name}: {len(checked)} exercise(s) followed by an assert cell"
 
 
 @pytest.mark.parametrize("name", NAMES)
