@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import save_vlm
-from .common import UserError, atomic_write, print0
+from .common import UserError, atomic_write, is_main_process, print0
 from .weights import TORCH_LOAD_ERRORS
 
 CSV_FIELDS = ["epoch", "step", "total_steps", "loss", "lr", "samples_per_s", "tokens_per_s",
@@ -99,7 +99,11 @@ class Saver:
 
 def save(sv: Saver, model, optimizer, scaler, step, final=False):
     """The checkpoint (the vision tower when it was trained, the .pth, then the JSON that vouches for both
-    by step and sha256), then the resume state."""
+    by step and sha256), then the resume state. Called in every process: each one's RNG state is
+    gathered (dropout draws differ between processes), then rank 0 writes."""
+    rngs = all_rng_states(sv.world)
+    if not is_main_process():
+        return
     vision_dir = None
     if sv.args.train_vision:  # a trained tower must travel with the checkpoint
         vision_dir = os.path.join(sv.paths.out, f"{sv.stage}_vision")
@@ -107,7 +111,7 @@ def save(sv: Saver, model, optimizer, scaler, step, final=False):
     save_vlm(model, sv.paths.ckpt, vision_folder=vision_dir, question_first=sv.q_first, step=step,
              tokenizer_vocab_size=sv.vocab)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "step": step, "rng": rng_state(), "args": {**plain_args(sv.args), "world": sv.world}}
+             "step": step, "rng": rngs, "args": {**plain_args(sv.args), "world": sv.world}}
     atomic_write(sv.paths.resume, lambda f: torch.save(state, f))
     print0(f"saved {sv.paths.ckpt}" + (" (final)" if final else f" at step {step}"))
 
@@ -171,6 +175,15 @@ def rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def all_rng_states(world: int) -> list[dict]:
+    """Every process's RNG state, in rank order (a collective call under torchrun)."""
+    if world == 1:
+        return [rng_state()]
+    states = [None] * world
+    dist.all_gather_object(states, rng_state())
+    return states
 
 
 def set_rng_state(state: dict):
@@ -246,7 +259,8 @@ def restore(resume_path, args, world: int, model, optimizer, scaler) -> int:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        rngs = state["rng"]  # one per process (a single dict in resume states of early versions)
+        set_rng_state(rngs[int(os.environ.get("RANK", "0"))] if isinstance(rngs, list) else rngs)
     except (RuntimeError, ValueError, KeyError, TypeError) as e:  # what load_state_dict & co raise on a misfit
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{resume_path}: does not fit this model and run ({first[:200]})") from None

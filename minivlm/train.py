@@ -438,7 +438,7 @@ def train_loop(args, env: Setup, sv: Saver, training, data, steps_per_epoch, tot
                      args.lr * factor)
             t_log, last_log_step = now, step
         stopping = step < total_steps and stop_requested(stop, env.world, env.device)
-        if (at_save or stopping) and env.rank == 0:
+        if at_save or stopping:  # every process: save() gathers their RNG states
             save(sv, model, optimizer, scaler, step, final=step == total_steps)
         if stopping:
             print0(f"stopped by {stop.name} after step {step}/{total_steps}; resume point saved in "

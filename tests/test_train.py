@@ -305,3 +305,27 @@ def test_feature_store_of_a_parquet_file_serves_the_towers_output(shapes_dir, sh
     with torch.no_grad():
         want = tower.select_features(preprocess_image(load_image(shapes_dir / records[3]["image"]), 96)[None])
     torch.testing.assert_close(sample["image_features"], want.half().float())
+
+
+def test_torchrun_resume_with_dropout_across_an_epoch_boundary_is_bit_identical(shapes_dir, shapes_tokenizer_path,
+                                                                                 tmp_path):
+    """Two processes, dropout on, 48 samples / (4 x 2) = 6 steps per epoch: a run stopped at step 5 (resume
+    state from step 4) and resumed across the epoch boundary ends with the uninterrupted run's weights."""
+    common = ["--max-steps", "8", "--epochs", "2", "--save-every", "4", "--lr", "2e-3", "--dropout", "0.1"]
+
+    def torchrun(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+               os.path.join(ROOT, "train_pretrain.py"),
+               *base_args(shapes_dir, shapes_tokenizer_path, out, "pretrain.jsonl", *common, *extra)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    torchrun(a)
+    torchrun(b, "--stop-after", "5")
+    torchrun(b, "--resume")
+    sa = torch.load(a / "resume_pretrain.pt", weights_only=True)["model"]
+    sb = torch.load(b / "resume_pretrain.pt", weights_only=True)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert [int(r["step"]) for r in read_csv(b / "log_pretrain.csv")] == list(range(1, 9))
