@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
 
 from minivlm.inference import main
 

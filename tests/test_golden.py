@@ -7,7 +7,7 @@ import torch
 
 from minivlm.config import LMConfig
 from minivlm.lm import MiniMindLM
-from minivlm.processing import load_image, preprocess_image
+from minivlm.processing import preprocess_image
 from minivlm.vision import CLIPVisionModel
 from minivlm.weights import WeightsError, read_safetensors, write_safetensors
 

@@ -1,13 +1,13 @@
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from minivlm.checkpoint import load_vlm
 from minivlm.config import vlm_preset
@@ -21,6 +21,13 @@ def base_args(shapes_dir, tok, out, data="pretrain.jsonl", *extra):
     return ["--preset", "tiny", "--data", str(shapes_dir / data), "--tokenizer", str(tok), "--out", str(out),
             "--batch-size", "4", "--num-workers", "0", "--log-every", "1", "--warmup-steps", "0",
             "--max-length", "128", *extra]
+
+
+def free_port() -> str:
+    """A port nobody listens on now: two test runs on one machine must not share torchrun's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 def read_csv(path):
@@ -154,7 +161,7 @@ def test_non_finite_loss_stops_without_overwriting(shapes_dir, shapes_tokenizer_
 
 def test_torchrun_two_processes_on_cpu(shapes_dir, shapes_tokenizer_path, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            os.path.join(ROOT, "train_pretrain.py"),
            *base_args(shapes_dir, shapes_tokenizer_path, out, "pretrain.jsonl", "--max-steps", "3")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
@@ -314,7 +321,7 @@ def test_torchrun_resume_with_dropout_across_an_epoch_boundary_is_bit_identical(
     common = ["--max-steps", "8", "--epochs", "2", "--save-every", "4", "--lr", "2e-3", "--dropout", "0.1"]
 
     def torchrun(out, *extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
                os.path.join(ROOT, "train_pretrain.py"),
                *base_args(shapes_dir, shapes_tokenizer_path, out, "pretrain.jsonl", *common, *extra)]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
