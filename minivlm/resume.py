@@ -102,8 +102,13 @@ def save(sv: Saver, model, optimizer, scaler, step, final=False):
     by step and sha256), then the resume state. Called in every process: each one's RNG state is
     gathered (dropout draws differ between processes), then rank 0 writes."""
     rngs = all_rng_states(sv.world)
-    if not is_main_process():
-        return
+    if is_main_process():
+        write_save(sv, model, optimizer, scaler, step, rngs, final)
+    if sv.world > 1:
+        dist.barrier()  # the other processes wait for the files: nobody runs ahead of the save
+
+
+def write_save(sv: Saver, model, optimizer, scaler, step, rngs, final):
     vision_dir = None
     if sv.args.train_vision:  # a trained tower must travel with the checkpoint
         vision_dir = os.path.join(sv.paths.out, f"{sv.stage}_vision")
@@ -181,9 +186,16 @@ def all_rng_states(world: int) -> list[dict]:
     """Every process's RNG state, in rank order (a collective call under torchrun)."""
     if world == 1:
         return [rng_state()]
-    states = [None] * world
-    dist.all_gather_object(states, rng_state())
-    return states
+    # Through byte tensors (torch.save + weights_only load), the way every other collective here works.
+    buf = io.BytesIO()
+    torch.save(rng_state(), buf)
+    mine = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([mine.numel()]))
+    longest = int(max(s.item() for s in sizes))
+    padded = [torch.zeros(longest, dtype=torch.uint8) for _ in range(world)]
+    dist.all_gather(padded, torch.cat([mine, mine.new_zeros(longest - mine.numel())]))
+    return [torch.load(io.BytesIO(p[:int(s.item())].numpy().tobytes()), weights_only=True) for p, s in zip(padded, sizes)]
 
 
 def set_rng_state(state: dict):

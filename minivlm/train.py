@@ -396,10 +396,10 @@ def run(stage: str, args) -> int:
     with StopRequest() as stop:
         code = train_loop(args, env, sv, (train_model, model, optimizer, scaler), (sampler, loader),
                           steps_per_epoch, total_steps, step, stop)
-    line = data_summary(dataset) if code == 0 else None  # None for synthetic data; under torchrun, rank 0's
-    if line:
+    if code == 0 and (line := data_summary(dataset)):  # None for synthetic data; under torchrun, rank 0's
         print0(f"data: {line}")
     if env.world > 1:
+        dist.barrier()  # rank 0 may still be writing the last save: tear down together, not mid-write
         dist.destroy_process_group()
     return code
 
