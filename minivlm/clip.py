@@ -39,8 +39,8 @@ from .common import atomic_write
 from .config import VisionConfig
 from .processing import preprocess_image
 from .vision import (CLIPEncoder, CLIPVisionOutput, CLIPVisionTransformer, _HF_VISION_DEFAULTS,
-                     read_clip_config, read_clip_weights)
-from .weights import WeightsError, load_checked, read_json, write_safetensors
+                     read_clip_config, read_clip_weights, read_config_json)
+from .weights import WeightsError, load_checked, write_safetensors
 
 # ---------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -102,10 +102,7 @@ def read_clip_model_config(folder) -> CLIPConfig:
     Pitfall: the sub-configs of a Hub config.json carry their own `projection_dim` (often the unused
     default 512); the one the weights were made with is the top-level `projection_dim`.
     """
-    path = os.path.join(os.fspath(folder), "config.json")
-    if not os.path.isfile(path):
-        raise WeightsError(f"{path}: not found (is {folder} a Hugging Face CLIP folder?)")
-    raw = read_json(path)
+    path, raw = read_config_json(folder)
     if not isinstance(raw.get("text_config"), dict):
         raise WeightsError(f"{path}: no text_config, so this is not a full CLIP model "
                            "(a vision-only folder loads with CLIPVisionModel.from_pretrained)")

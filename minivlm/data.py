@@ -366,6 +366,12 @@ def parse_json(text):
         raise DataError("invalid JSON", f"not UTF-8 ({e.reason} at byte {e.start})") from None
 
 
+def parse_conversations(stored):
+    """A `conversations` value as stored: JSON text (a jsonl line's field is already decoded, but
+    MiniMind-V's parquet column holds a JSON string) or an already decoded list, which passes through."""
+    return parse_json(stored) if isinstance(stored, (str, bytes)) else stored
+
+
 def asks_first(conversations):
     """True if the first user turn holds an image marker but does not start with one."""
     user = next(m["content"] for m in conversations if m["role"] == "user")

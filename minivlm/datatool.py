@@ -13,20 +13,21 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import sys
 
 import numpy as np
 from PIL import Image
 
+from .data import DataError, parse_conversations
 from .prompt import IMAGE_MARKER, encode_chat
 
 
 def _parse(text):
+    """parse_conversations, or None for a malformed value (stats count it instead of stopping)."""
     try:
-        return json.loads(text) if isinstance(text, (str, bytes)) else text
-    except ValueError:
+        return parse_conversations(text)
+    except DataError:
         return None
 
 

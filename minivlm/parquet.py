@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import processing
-from .data import DataError, SampleLog, VLMDataset, asks_first, parse_json
+from .data import TOOL_KEYS, DataError, SampleLog, VLMDataset, asks_first, parse_conversations
 from .prompt import IMAGE_MARKER
 
 COLUMNS = ("conversations", "image_bytes")
@@ -196,8 +196,8 @@ class ParquetVLMDataset(VLMDataset):
     def record(self, idx):
         """Row idx -> (conversations, one zero-argument function per image that decodes it)."""
         stored, cell = self.row(idx)
-        conversations = parse_json(stored) if isinstance(stored, (str, bytes)) else stored
-        if isinstance(conversations, dict) and any(conversations.get(k) for k in ("tools", "functions")):
+        conversations = parse_conversations(stored)
+        if isinstance(conversations, dict) and any(conversations.get(k) for k in TOOL_KEYS):
             raise DataError("tool calls", "tool and function calls are not supported")
         # text-only: the image stored anyway (MiniMind-V's 8x8 black placeholder) is dropped undecoded
         blobs = image_list(cell) if count_markers(conversations) else []
@@ -213,8 +213,7 @@ class ParquetVLMDataset(VLMDataset):
                 first = next(open_parquet(self.path).iter_batches(batch_size=1, columns=[COLUMNS[0]]), None)
                 if first is not None and first.num_rows:
                     stored = first.column(0)[0].as_py()
-                    self._question_first = asks_first(parse_json(stored) if isinstance(stored, (str, bytes))
-                                                      else stored)
+                    self._question_first = asks_first(parse_conversations(stored))
             except (DataError, pa.ArrowException, OSError, KeyError, TypeError, StopIteration):
                 pass  # a bad first row is reported when it is loaded
         return self._question_first

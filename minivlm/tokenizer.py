@@ -115,10 +115,11 @@ def _samples(path):
     """(where, parse) for every sample of a MiniMind-V jsonl or parquet file; parse() returns its
     conversations (and raises on a malformed one, which the caller reports at `where`)."""
     if os.fspath(path).endswith(".parquet"):
+        from .data import parse_conversations  # data.py builds on this module
         from .parquet import iter_rows  # pyarrow only when needed
         for row, record in iter_rows(path, columns=["conversations"]):
             c = record["conversations"]
-            yield f"{path}: row {row}", lambda c=c: json.loads(c) if isinstance(c, (str, bytes)) else c
+            yield f"{path}: row {row}", lambda c=c: parse_conversations(c)
         return
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):

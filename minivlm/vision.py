@@ -222,12 +222,17 @@ _HF_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_l
                            hidden_act="quick_gelu", projection_dim=512)
 
 
-def read_clip_config(folder, **overrides) -> VisionConfig:
-    """Read `config.json` of a Hugging Face CLIP folder (full or vision-only) into a VisionConfig."""
+def read_config_json(folder) -> tuple[str, dict]:
+    """(path, contents) of the `config.json` of a Hugging Face CLIP folder; WeightsError if it is missing."""
     path = os.path.join(os.fspath(folder), "config.json")
     if not os.path.isfile(path):
         raise WeightsError(f"{path}: not found (is {folder} a Hugging Face CLIP folder?)")
-    raw = read_json(path)
+    return path, read_json(path)
+
+
+def read_clip_config(folder, **overrides) -> VisionConfig:
+    """Read `config.json` of a Hugging Face CLIP folder (full or vision-only) into a VisionConfig."""
+    _, raw = read_config_json(folder)
     sub = raw.get("vision_config") or raw  # a full CLIPModel nests it; a vision-only folder does not
     fields = {k: sub.get(k, v) for k, v in _HF_VISION_DEFAULTS.items()}
     fields["projection_dim"] = raw.get("projection_dim", fields["projection_dim"])
