@@ -31,6 +31,7 @@ from .vision import CLIPVisionModel
 from .vlm import MiniMindVLM
 from .common import atomic_write
 from .lm import rope_tables
+from .tokenizer import Tokenizer
 from .weights import WeightsError, check_state_dict, load_state_dict, read_json
 
 # Derived buffers some MiniMind versions saved; they are recomputed from the config, never loaded.
@@ -255,6 +256,26 @@ def save_vlm(model: MiniMindVLM, path, dtype=torch.float16, vision_folder=None, 
         meta["vision_folder"] = os.path.relpath(vision_folder, os.path.dirname(os.path.abspath(path)))
         meta["sha256"]["vision"] = sha256_of(os.path.join(vision_folder, "model.safetensors"))
     atomic_write(config_path_for(path), json.dumps(meta, indent=2).encode())  # last: it vouches for the rest
+
+
+def load_with_tokenizer(weights, tokenizer=None, vision=None, dtype: torch.dtype | None = None, **config_overrides):
+    """What answering questions needs, for eval_vlm.py, the web page and the probes: the model (load_vlm),
+    its tokenizer (tokenizer.json beside the weights unless given), checked to belong together, and whether
+    it was trained with the question before the images. -> (model, tokenizer, question_first)"""
+    weights = os.fspath(weights)
+    if not os.path.isfile(weights):
+        raise WeightsError(f"{weights}: weights file not found")
+    tok_path = tokenizer or os.path.join(os.path.dirname(os.path.abspath(weights)), "tokenizer.json")
+    if not os.path.exists(tok_path):
+        raise WeightsError(f"{tok_path}: tokenizer not found (pass --tokenizer)")
+    try:
+        tok = Tokenizer.from_file(tok_path)
+    except (ValueError, OSError) as e:  # not a tokenizer.json, or one without ChatML's special tokens
+        raise WeightsError(str(e)) from None
+    model = load_vlm(weights, vision=vision, dtype=dtype, **config_overrides)
+    meta = read_meta(weights)
+    check_tokenizer(model, tok, tok_path, meta.get("tokenizer_vocab_size"))
+    return model, tok, bool(meta.get("question_first", False))
 
 
 def check_tokenizer(model: MiniMindVLM, tokenizer, source: str, trained_with: int | None = None):

@@ -13,14 +13,13 @@ import math
 import os
 import sys
 
-from .checkpoint import check_tokenizer, load_vlm, read_meta
+from .checkpoint import load_with_tokenizer
 from .common import DTYPES, UserError, positive_int, resolve_device
 from .data import DataError
 from .evaluate import evaluate, report
 from .generate import SamplingConfig, encode_batch, stream
 from .processing import ImageLoadError, load_image
 from .prompt import IMAGE_MARKER, PromptError, user_turn
-from .tokenizer import Tokenizer
 from .weights import WeightsError
 
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
@@ -93,20 +92,12 @@ def collect_images(paths) -> list[str]:
 
 
 def load_model(args):
-    if not os.path.isfile(args.weights):
-        raise UserError(f"{args.weights}: weights file not found")
-    tok_path = args.tokenizer or os.path.join(os.path.dirname(os.path.abspath(args.weights)), "tokenizer.json")
-    if not os.path.exists(tok_path):
-        raise UserError(f"{tok_path}: tokenizer not found (pass --tokenizer)")
-    try:
-        tokenizer = Tokenizer.from_file(tok_path)
-    except (ValueError, OSError) as e:
-        raise UserError(str(e)) from None
+    """-> (model on its device, tokenizer, device, question_first as trained)."""
     overrides = {"num_attention_heads": args.num_heads} if args.num_heads else {}
-    model = load_vlm(args.weights, vision=args.vision, dtype=DTYPES[args.dtype], **overrides)  # no fp32 copy first
-    check_tokenizer(model, tokenizer, tok_path, read_meta(args.weights).get("tokenizer_vocab_size"))
+    model, tokenizer, question_first = load_with_tokenizer(args.weights, args.tokenizer, args.vision,
+                                                           DTYPES[args.dtype], **overrides)  # no fp32 copy first
     device = resolve_device(args.device)
-    return model.to(device=device, dtype=DTYPES[args.dtype]).eval(), tokenizer, device
+    return model.to(device=device, dtype=DTYPES[args.dtype]).eval(), tokenizer, device, question_first
 
 
 def ask(model, tokenizer, images, messages, cfg, out=sys.stdout) -> str:
@@ -125,9 +116,9 @@ def ask(model, tokenizer, images, messages, cfg, out=sys.stdout) -> str:
 def run(args) -> int:
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                          top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
-    model, tokenizer, device = load_model(args)
+    model, tokenizer, device, trained_question_first = load_model(args)
     if args.question_first is None:
-        args.question_first = bool(read_meta(args.weights).get("question_first", False))
+        args.question_first = trained_question_first
     print(f"model: {args.weights} ({sum(p.numel() for n, p in model.named_parameters() if not n.startswith('vision_encoder.')) / 1e6:.2f}M "
           f"decoder+projector parameters, {model.run_length} image tokens per image, {device})")
 

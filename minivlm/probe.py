@@ -27,21 +27,19 @@ import random
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_vlm, read_meta
+from .checkpoint import load_with_tokenizer
 from .generate import encode_batch
 from .inference import DEMO_WEIGHTS
 from .prompt import user_turn
 from .shapes import COLOUR_NAMES, SHAPES, article, render, sample_scene
-from .tokenizer import Tokenizer
 
 
 class Probe:
     """A model, its tokenizer and how it was trained to place images, ready to be asked questions."""
 
     def __init__(self, weights: str, tokenizer: str | None = None):
-        self.model = load_vlm(weights).eval()
-        self.tok = Tokenizer.from_file(tokenizer or weights.rsplit("/", 1)[0] + "/tokenizer.json")
-        self.question_first = bool(read_meta(weights).get("question_first", False))
+        self.model, self.tok, self.question_first = load_with_tokenizer(weights, tokenizer)
+        self.model.eval()
         self.size = self.model.vlm_config.vision.image_size
         self.grid = self.size // self.model.vlm_config.vision.patch_size  # patches per side
 

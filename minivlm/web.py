@@ -40,11 +40,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .checkpoint import check_tokenizer, load_vlm, read_meta
+from .checkpoint import load_with_tokenizer
 from .generate import SamplingConfig, encode_batch
 from .processing import resize_and_crop, to_rgb
 from .prompt import IMAGE_MARKER, PromptError, user_turn
-from .tokenizer import Tokenizer
 from .watch import prompt_pieces, watch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -401,11 +400,7 @@ def make_server(app: App, host: str = "127.0.0.1", port: int = 8000, verbose: bo
 def load_app(weights: str = DEMO_WEIGHTS, vision: str | None = None, tokenizer: str | None = None,
              device: str = "cpu") -> App:
     """The model (with its question order from the checkpoint JSON) and its tokenizer, as an App."""
-    tok_path = tokenizer or os.path.join(os.path.dirname(os.path.abspath(weights)), "tokenizer.json")
-    tok = Tokenizer.from_file(tok_path)
-    model = load_vlm(weights, vision=vision)
-    check_tokenizer(model, tok, tok_path)
-    question_first = bool(read_meta(weights).get("question_first", False))
+    model, tok, question_first = load_with_tokenizer(weights, tokenizer, vision)
     return App(model.to(device), tok, question_first, name=os.path.basename(weights))
 
 
