@@ -101,13 +101,12 @@ class MiniMindVLM(MiniMindLM):
         image_features: (B, N, 196, 768), the vision tower's output computed beforehand (features.py's
         cache), given instead of pixel_values: the tower is then not run.
         """
-        if image_features is not None:
-            pixel_values = image_features  # only its first two dimensions are read below
-        elif pixel_values.dim() == 4:
-            pixel_values = pixel_values[:, None]
-        B, N = pixel_values.shape[:2]
-        if pixel_values.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"pixel_values has {pixel_values.shape[0]} samples but input_ids has {input_ids.shape[0]}")
+        cached = image_features is not None
+        slots = image_features if cached else (pixel_values[:, None] if pixel_values.dim() == 4 else pixel_values)
+        B, N = slots.shape[:2]  # (B, N, 3, H, W) images, or (B, N, 196, 768) cached features
+        if B != input_ids.shape[0]:
+            raise ValueError(f"{'image_features' if cached else 'pixel_values'} has {B} samples but input_ids has "
+                             f"{input_ids.shape[0]}")
         starts = find_image_runs(input_ids, self.placeholder_id, self.run_length)  # (B, T)
         runs = starts.sum(dim=1)  # (B,)
         counts = (torch.full((B,), N, device=input_ids.device) if image_counts is None
@@ -119,10 +118,8 @@ class MiniMindVLM(MiniMindLM):
         if not runs.any():
             return embeds
         real = torch.arange(N, device=counts.device)[None, :] < counts[:, None]  # (B, N)
-        if image_features is not None:
-            images = self.vision_proj(image_features[real])  # (M, L, h), ordered by (sample, image)
-        else:
-            images = self.encode_images(pixel_values[real])
+        # (M, L, h), ordered by (sample, image); cached features skip the tower
+        images = self.vision_proj(slots[real]) if cached else self.encode_images(slots[real])
         b_idx, s_idx = starts.nonzero(as_tuple=True)  # (M,) each, same (sample, run) order
         pos = s_idx[:, None] + torch.arange(self.run_length, device=s_idx.device)  # (M, L)
         embeds = embeds.clone()
