@@ -33,18 +33,12 @@ from .checkpoint import sha256_of
 from .common import DTYPES, Progress, UserError, atomic_write, one_line, positive_int, resolve_device
 from .data import DataError, VLMDataset
 from .processing import preprocess_image
+from .vision import CLIPVisionModel, clip_weights_file
 from .weights import WeightsError
 
 FORMAT = "minivlm-features-1"
 PREPROCESSING = "clip: rgb, resize shortest side bicubic, center crop, CLIP mean/std (processing.preprocess_image)"
 _NUMPY = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}  # bf16: numpy has none, keep the bits
-
-
-def vision_weights_file(folder) -> str:
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if os.path.isfile(path := os.path.join(os.fspath(folder), name)):
-            return path
-    raise UserError(f"{folder}: no model.safetensors or pytorch_model.bin (not a CLIP folder)")
 
 
 def file_stamp(path) -> dict:
@@ -95,7 +89,7 @@ class FeatureStore:
         m, v = self.manifest, self.manifest["vision"]
         if vision_folder is None:
             raise UserError(f"--features needs --vision, the CLIP folder the store was made from ({v['folder']})")
-        ours = {"sha256": sha256_of(vision_weights_file(vision_folder)), "select_layer": vision_config.select_layer,
+        ours = {"sha256": sha256_of(clip_weights_file(vision_folder)), "select_layer": vision_config.select_layer,
                 "select_feature": vision_config.select_feature, "image_size": vision_config.image_size}
         for key, value in ours.items():
             if v[key] != value:
@@ -193,7 +187,6 @@ def encode_batches(datasets, tower, image_size, batch_size, device):
 
 
 def build_store(data_paths, images_dir, vision_folder, out, dtype="fp16", batch_size=32, device="cpu"):
-    from .vision import CLIPVisionModel
     tower = CLIPVisionModel.from_pretrained(vision_folder).to(device).eval()
     c = tower.config
     datasets = [VLMDataset(p, tokenizer=None, **({} if p.endswith(".parquet") else {"images_dir": images_dir}))
@@ -206,7 +199,7 @@ def build_store(data_paths, images_dir, vision_folder, out, dtype="fp16", batch_
         first += len(d)
     manifest = {"format": FORMAT, "complete": False, "dtype": dtype, "shape": None,
                 "vision": {"folder": os.path.abspath(vision_folder), "sha256_of": os.path.basename(
-                           vision_weights_file(vision_folder)), "sha256": sha256_of(vision_weights_file(vision_folder)),
+                           clip_weights_file(vision_folder)), "sha256": sha256_of(clip_weights_file(vision_folder)),
                            "select_layer": c.select_layer, "select_feature": c.select_feature,
                            "image_size": c.image_size},
                 "preprocessing": PREPROCESSING, "data": data}

@@ -245,11 +245,14 @@ def read_clip_config(folder, **overrides) -> VisionConfig:
 _NOT_VISION = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
 
 
-def read_clip_weights(folder, keys=None, dtype=None) -> dict[str, torch.Tensor]:
-    """model.safetensors if present, else pytorch_model.bin. keys / dtype: see weights.read_safetensors."""
-    folder = os.fspath(folder)
+def clip_weights_file(folder) -> str:
+    """The weights file of a Hugging Face CLIP folder: model.safetensors if present, else pytorch_model.bin."""
     for name in ("model.safetensors", "pytorch_model.bin"):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            return load_state_dict(path, keys, dtype)
-    raise WeightsError(f"{folder}: no model.safetensors or pytorch_model.bin found")
+        if os.path.isfile(path := os.path.join(os.fspath(folder), name)):
+            return path
+    raise WeightsError(f"{folder}: no model.safetensors or pytorch_model.bin found (not a CLIP folder)")
+
+
+def read_clip_weights(folder, keys=None, dtype=None) -> dict[str, torch.Tensor]:
+    """The tensors of clip_weights_file(folder). keys / dtype: see weights.read_safetensors."""
+    return load_state_dict(clip_weights_file(folder), keys, dtype)
