@@ -139,3 +139,14 @@ def test_out_of_the_box_demo_answers_about_the_samples():
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(ROOT, "minivlm", "demo", "model"))
                for f in fs)
     assert size < 15e6
+
+
+def test_a_reader_that_stops_early_is_not_an_error():
+    """`python eval_vlm.py | head -1`: the closed pipe ends the run quietly, with no traceback."""
+    p = subprocess.Popen([sys.executable, "eval_vlm.py", "--max-new-tokens", "4"], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.readline().startswith(b"model: ")
+    p.stdout.close()  # what head does after its lines
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 0, err
+    assert "Traceback" not in err
