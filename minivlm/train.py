@@ -4,20 +4,17 @@ Two stages, as in LLaVA and MiniMind-V:
   pretrain  image captions. The projector is trained (+ the last K decoder layers with
             --train-lm-layers K, or all of them with -1). Teaches the projector to "speak decoder".
   sft       instructions. Projector + the whole decoder trained. Teaches answering.
-The CLIP tower stays frozen in both unless --train-vision; the tiny offline recipe trains it, because
-no pretrained CLIP is available offline.
+The CLIP tower stays frozen in both unless --train-vision (the tiny offline recipe trains it: no CLIP offline).
 
-The run is a sequence of named steps: `setup` (processes, device, dtype), `build` (tokenizer, model,
-data), `restore` (--resume), then the loop of `train_step`, `log_step` and `save` (`restore`, `save` and
-everything else about --out live in resume.py).
+The run: `setup` (processes, device, dtype), `build` (tokenizer, model, data), `restore` (--resume), then
+the loop of `train_step`, `log_step` and `save` (`restore`, `save` and the rest of --out live in resume.py).
 
 What the loop guarantees:
   * one process or `torchrun --nproc_per_node N` (DDP; nccl on GPU, gloo on CPU), rank 0 logs/saves;
   * checkpoints written atomically (temp file + fsync + rename) every --save-every steps and at the end;
   * --resume continues exactly: same samples in the same order, same optimizer state, same RNG states,
     so a run killed at step k and resumed ends with the same weights, bit for bit (dropout included);
-    the resume state is plain data read with weights_only=True, and changed data/step flags are
-    refused (see resume.py);
+    the resume state is plain data (read with weights_only=True); changed data/step flags are refused;
   * Ctrl-C or SIGTERM stops at the next step boundary after saving a resume point;
   * a non-finite loss stops the run without overwriting the last good checkpoint;
   * a log line every --log-every steps with throughput and ETA, mirrored to a CSV for plotting.
@@ -28,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import gc
 import os
 import random
 import time
@@ -400,6 +398,8 @@ def run(stage: str, args) -> int:
         print0(f"data: {line}")
     if env.world > 1:
         dist.barrier()  # rank 0 may still be writing the last save: tear down together, not mid-write
+        del train_model  # DDP freed after its process group aborts the process (about one run in four)
+        gc.collect()
         dist.destroy_process_group()
     return code
 

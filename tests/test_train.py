@@ -23,6 +23,13 @@ def base_args(shapes_dir, tok, out, data="pretrain.jsonl", *extra):
             "--max-length", "128", *extra]
 
 
+def torchrun_failure(r) -> str:
+    """What a failed torchrun run said: the workers' own stderr lines first (torchrun's summary comes last and
+    would otherwise push a worker's one-line abort message out of the report)."""
+    worker = [l for l in r.stderr.splitlines() if "torch/distributed/" not in l and not l.startswith("  ")]
+    return r.stdout[-1500:] + "\n".join(worker)[:3000] + r.stderr[-1500:]
+
+
 def free_port() -> str:
     """A port nobody listens on now: two test runs on one machine must not share torchrun's rendezvous."""
     with socket.socket() as s:
@@ -166,7 +173,7 @@ def test_torchrun_two_processes_on_cpu(shapes_dir, shapes_tokenizer_path, tmp_pa
            *base_args(shapes_dir, shapes_tokenizer_path, out, "pretrain.jsonl", "--max-steps", "3")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.returncode == 0, torchrun_failure(r)
     assert "2 process(es)" in r.stdout
     assert r.stdout.count("saved ") == 1  # only rank 0 saves and logs
     assert len(read_csv(out / "log_pretrain.csv")) == 3
@@ -326,7 +333,7 @@ def test_torchrun_resume_with_dropout_across_an_epoch_boundary_is_bit_identical(
                *base_args(shapes_dir, shapes_tokenizer_path, out, "pretrain.jsonl", *common, *extra)]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        assert r.returncode == 0, torchrun_failure(r)
 
     a, b = tmp_path / "a", tmp_path / "b"
     torchrun(a)
