@@ -16,22 +16,33 @@ Three probes, each on freshly drawn scenes (a seed no training run used):
                    the attention onto the three objects' cells, the share on the asked object's cell,
                    per layer (a third = no preference).
 
+    python -m minivlm.probe --text-lookup 3000
+
+  text lookup      No image at all: a fresh decoder of the demo's size is trained on text that already
+                   holds the answer, "I see a red star on the left and a blue cross at the top. What
+                   colour is the cross? Answer: blue", and scored on held-out scenes every few hundred
+                   steps, with one object and with several. It separates "cannot see" from "cannot look up".
+
 The README's "Why the demo could not answer yes/no" section was written from this output.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 
 import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_with_tokenizer
+from .config import lm_tiny
 from .generate import encode_batch
 from .inference import DEMO_WEIGHTS
-from .prompt import user_turn
-from .shapes import COLOUR_NAMES, SHAPES, article, render, sample_scene
+from .lm import MiniMindLM
+from .prompt import IGNORE_INDEX, user_turn
+from .shapes import COLOUR_NAMES, SHAPES, article, caption, questions, render, sample_scene
+from .tokenizer import Tokenizer
 
 
 class Probe:
@@ -136,14 +147,81 @@ def attention_on_asked_object(p: Probe, n_scenes: int, rng: random.Random) -> li
     return torch.tensor(shares).mean(0).tolist()
 
 
+LOOKUP_TYPES = ("colour", "shape", "position", "exists")
+
+
+def lookup_sample(tok: Tokenizer, rng: random.Random) -> tuple[str, int, list[int], list[int]]:
+    """(qtype, n_objects, prompt ids, answer ids): the scene as words, a question, the answer."""
+    scene = sample_scene(rng)
+    qtype, question, answer = rng.choice([q for q in questions(scene, rng) if q[0] in LOOKUP_TYPES])
+    return (qtype, len(scene.objects), tok.encode(f"I see {caption(scene)}. {question} Answer:"),
+            tok.encode(" " + answer))
+
+
+@torch.no_grad()
+def lookup_accuracy(model, test) -> dict:
+    """{(qtype, several objects?): % of first answer tokens right}, greedy, one left-padded batch per 100."""
+    model.eval()
+    hits = {}
+    for i in range(0, len(test), 100):
+        chunk = test[i:i + 100]
+        T = max(len(p) for _, _, p, _ in chunk)
+        ids = torch.tensor([[0] * (T - len(p)) + p for _, _, p, _ in chunk])  # RoPE: only distances matter
+        mask = (torch.arange(T) >= torch.tensor([T - len(p) for _, _, p, _ in chunk])[:, None]).long()
+        best = model(ids, attention_mask=mask, logits_to_keep=1).logits[:, -1].argmax(-1)
+        for (qtype, n, _, a), b in zip(chunk, best.tolist()):
+            hits.setdefault((qtype, n > 1), []).append(b == a[0])
+    model.train()
+    return {k: 100 * sum(v) / len(v) for k, v in hits.items()}
+
+
+def text_lookup(tok: Tokenizer, steps: int, seed: int, every: int = 500, lr: float = 1e-3, batch: int = 32):
+    """Train a fresh demo-sized decoder on the text lookup; yield (step, accuracy dict) every `every` steps."""
+    torch.manual_seed(seed)
+    model = MiniMindLM(dataclasses.replace(lm_tiny(), vocab_size=tok.vocab_size))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    rng, test_rng = random.Random(seed), random.Random(seed + 1)
+    test = [lookup_sample(tok, test_rng) for _ in range(400)]
+    for step in range(1, steps + 1):
+        samples = [lookup_sample(tok, rng) for _ in range(batch)]
+        T = max(len(p) + len(a) for _, _, p, a in samples)
+        ids = torch.full((batch, T), tok.pad_id)
+        labels = torch.full((batch, T), IGNORE_INDEX)
+        for b, (_, _, p, a) in enumerate(samples):
+            ids[b, :len(p) + len(a)] = torch.tensor(p + a)
+            labels[b, len(p):len(p) + len(a)] = torch.tensor(a)  # only the answer is trained
+        loss = model(ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % every == 0 or step == steps:
+            yield step, lookup_accuracy(model, test)
+
+
+def print_text_lookup(tok: Tokenizer, steps: int, seed: int):
+    print("text lookup (no image): a fresh decoder of the demo's size; % right on 400 held-out questions,")
+    print("first with one object in the scene, then with two or three")
+    print(f"  {'step':>6s}  " + "  ".join(f"{t:>15s}" for t in LOOKUP_TYPES))
+    for step, acc in text_lookup(tok, steps, seed):
+        cells = [f"{acc.get((t, False), float('nan')):5.0f} / {acc.get((t, True), float('nan')):5.0f}"
+                 for t in LOOKUP_TYPES]
+        print(f"  {step:6d}  " + "  ".join(f"{c:>15s}" for c in cells), flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m minivlm.probe", description=__doc__.split("\n")[0])
     ap.add_argument("--weights", default=DEMO_WEIGHTS, help="a shapes-world checkpoint (default: the demo model)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer.json (default: beside --weights)")
     ap.add_argument("--scenes", type=int, default=60, help="scenes per probe")
     ap.add_argument("--seed", type=int, default=99, help="seed of the probe scenes (never used in training)")
+    ap.add_argument("--text-lookup", type=int, default=None, metavar="STEPS",
+                    help="instead: train a fresh demo-sized decoder on the lookup in text for STEPS steps")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
+    if args.text_lookup is not None:
+        tok_path = args.tokenizer or DEMO_WEIGHTS.rsplit("/", 1)[0] + "/tokenizer.json"
+        print_text_lookup(Tokenizer.from_file(tok_path), args.text_lookup, args.seed)
+        return 0
     p = Probe(args.weights, args.tokenizer)
 
     print("yes/no margin (logit yes - logit no) on one-object scenes, by what the question gets right:")

@@ -23,3 +23,29 @@ def test_probe_runs_on_the_demo_model(capsys):
     assert "both right   n=   2" in out and "shape only   n=  12" in out and "colour only  n=   8" in out
     assert "neither      n=  48" in out
     assert "layer 3" in out and "vision" in out
+
+
+def test_text_lookup_samples_hold_the_caption_the_question_and_its_answer():
+    import random
+    from minivlm.inference import DEMO_WEIGHTS
+    from minivlm.shapes import CELLS, COLOUR_NAMES, SHAPES
+    from minivlm.tokenizer import Tokenizer
+    tok = Tokenizer.from_file(DEMO_WEIGHTS.rsplit("/", 1)[0] + "/tokenizer.json")
+    valid = {"colour": set(COLOUR_NAMES), "shape": set(SHAPES), "position": set(CELLS), "exists": {"yes", "no"}}
+    rng = random.Random(0)
+    for _ in range(50):
+        qtype, n, prompt, answer = probe.lookup_sample(tok, rng)
+        text = tok.decode(prompt)
+        assert text.startswith("I see ") and text.endswith("? Answer:") and 1 <= n <= 3
+        assert tok.decode(answer).strip() in valid[qtype]
+
+
+def test_text_lookup_reports_every_type_for_one_and_several_objects():
+    from minivlm.inference import DEMO_WEIGHTS
+    from minivlm.tokenizer import Tokenizer
+    tok = Tokenizer.from_file(DEMO_WEIGHTS.rsplit("/", 1)[0] + "/tokenizer.json")
+    curve = list(probe.text_lookup(tok, steps=4, seed=0, every=2))
+    assert [step for step, _ in curve] == [2, 4]
+    for _, acc in curve:
+        assert set(acc) == {(t, several) for t in probe.LOOKUP_TYPES for several in (False, True)}
+        assert all(0 <= v <= 100 for v in acc.values())
