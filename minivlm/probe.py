@@ -16,7 +16,7 @@ Three probes, each on freshly drawn scenes (a seed no training run used):
                    the attention onto the three objects' cells, the share on the asked object's cell,
                    per layer (a third = no preference).
 
-    python -m minivlm.probe --text-lookup 3000
+    python -m minivlm.probe --text-lookup 8000
 
   text lookup      No image at all: a fresh decoder of the demo's size is trained on text that already
                    holds the answer, "I see a red star on the left and a blue cross at the top. What
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from .checkpoint import load_with_tokenizer
 from .config import lm_tiny
-from .generate import encode_batch
+from .generate import encode_batch, left_pad
 from .inference import DEMO_WEIGHTS
 from .lm import MiniMindLM
 from .prompt import IGNORE_INDEX, user_turn
@@ -165,9 +165,7 @@ def lookup_accuracy(model, test) -> dict:
     hits = {}
     for i in range(0, len(test), 100):
         chunk = test[i:i + 100]
-        T = max(len(p) for _, _, p, _ in chunk)
-        ids = torch.tensor([[0] * (T - len(p)) + p for _, _, p, _ in chunk])  # RoPE: only distances matter
-        mask = (torch.arange(T) >= torch.tensor([T - len(p) for _, _, p, _ in chunk])[:, None]).long()
+        ids, mask = left_pad([p for _, _, p, _ in chunk])
         best = model(ids, attention_mask=mask, logits_to_keep=1).logits[:, -1].argmax(-1)
         for (qtype, n, _, a), b in zip(chunk, best.tolist()):
             hits.setdefault((qtype, n > 1), []).append(b == a[0])
