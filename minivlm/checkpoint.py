@@ -258,6 +258,11 @@ def save_vlm(model: MiniMindVLM, path, dtype=torch.float16, vision_folder=None, 
     atomic_write(config_path_for(path), json.dumps(meta, indent=2).encode())  # last: it vouches for the rest
 
 
+def tokenizer_beside(weights) -> str:
+    """Where a checkpoint's tokenizer lives: the tokenizer.json that training copied beside the weights."""
+    return os.path.join(os.path.dirname(os.path.abspath(weights)), "tokenizer.json")
+
+
 def load_with_tokenizer(weights, tokenizer=None, vision=None, dtype: torch.dtype | None = None, **config_overrides):
     """What answering questions needs, for eval_vlm.py, the web page and the probes: the model (load_vlm),
     its tokenizer (tokenizer.json beside the weights unless given), checked to belong together, and whether
@@ -265,7 +270,7 @@ def load_with_tokenizer(weights, tokenizer=None, vision=None, dtype: torch.dtype
     weights = os.fspath(weights)
     if not os.path.isfile(weights):
         raise WeightsError(f"{weights}: weights file not found")
-    tok_path = tokenizer or os.path.join(os.path.dirname(os.path.abspath(weights)), "tokenizer.json")
+    tok_path = tokenizer or tokenizer_beside(weights)
     if not os.path.exists(tok_path):
         raise WeightsError(f"{tok_path}: tokenizer not found (pass --tokenizer)")
     try:

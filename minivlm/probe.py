@@ -35,7 +35,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_with_tokenizer
+from .checkpoint import load_with_tokenizer, tokenizer_beside
 from .config import lm_tiny
 from .generate import encode_batch, left_pad
 from .inference import DEMO_WEIGHTS
@@ -217,8 +217,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     if args.text_lookup is not None:
-        tok_path = args.tokenizer or DEMO_WEIGHTS.rsplit("/", 1)[0] + "/tokenizer.json"
-        print_text_lookup(Tokenizer.from_file(tok_path), args.text_lookup, args.seed)
+        print_text_lookup(Tokenizer.from_file(args.tokenizer or tokenizer_beside(args.weights)), args.text_lookup,
+                          args.seed)
         return 0
     p = Probe(args.weights, args.tokenizer)
 

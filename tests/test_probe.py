@@ -27,10 +27,11 @@ def test_probe_runs_on_the_demo_model(capsys):
 
 def test_text_lookup_samples_hold_the_caption_the_question_and_its_answer():
     import random
+    from minivlm.checkpoint import tokenizer_beside
     from minivlm.inference import DEMO_WEIGHTS
     from minivlm.shapes import CELLS, COLOUR_NAMES, SHAPES
     from minivlm.tokenizer import Tokenizer
-    tok = Tokenizer.from_file(DEMO_WEIGHTS.rsplit("/", 1)[0] + "/tokenizer.json")
+    tok = Tokenizer.from_file(tokenizer_beside(DEMO_WEIGHTS))
     valid = {"colour": set(COLOUR_NAMES), "shape": set(SHAPES), "position": set(CELLS), "exists": {"yes", "no"}}
     rng = random.Random(0)
     for _ in range(50):
@@ -41,9 +42,10 @@ def test_text_lookup_samples_hold_the_caption_the_question_and_its_answer():
 
 
 def test_text_lookup_reports_every_type_for_one_and_several_objects():
+    from minivlm.checkpoint import tokenizer_beside
     from minivlm.inference import DEMO_WEIGHTS
     from minivlm.tokenizer import Tokenizer
-    tok = Tokenizer.from_file(DEMO_WEIGHTS.rsplit("/", 1)[0] + "/tokenizer.json")
+    tok = Tokenizer.from_file(tokenizer_beside(DEMO_WEIGHTS))
     curve = list(probe.text_lookup(tok, steps=4, seed=0, every=2))
     assert [step for step, _ in curve] == [2, 4]
     for _, acc in curve:
