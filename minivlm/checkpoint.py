@@ -95,10 +95,18 @@ def to_2025_04(sd: dict, num_attention_heads: int = 8) -> dict:
     sd = {k: v for k, v in sd.items() if not _DERIVED.search(k) and not k.startswith("vision_encoder.")}
     if "lm_head.weight" not in sd:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]  # tied
-    elif not torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"]):
-        raise WeightsError("lm_head.weight differs from model.embed_tokens.weight, but MiniMind ties them: "
-                           "this checkpoint is from an untied model minivlm does not support")
     return sd
+
+
+def file_is_tied(sd: dict) -> bool:
+    """Whether a 2025-04 state dict's lm_head is its embedding matrix (MiniMind's) or a matrix of its own."""
+    return torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"])
+
+
+def check_tying(sd: dict, tied: bool, source: str):
+    if tied and not file_is_tied(sd):
+        raise WeightsError(f"{source}: lm_head.weight differs from model.embed_tokens.weight, but the model "
+                           f"ties them (tie_word_embeddings=True): a checkpoint of an untied model")
 
 
 def infer_lm_config(sd: dict, **overrides) -> LMConfig:
@@ -173,7 +181,10 @@ def load_vlm(weights, vision=None, dtype: torch.dtype | None = None, **config_ov
     heads = config_overrides.get("num_attention_heads",
                                  saved["vlm"]["lm"]["num_attention_heads"] if saved else 8)
     sd = to_2025_04(load_state_dict(weights), heads)
-    del sd["lm_head.weight"]  # tied to the embeddings: re-tied below instead of converted twice
+    tied = saved["vlm"]["lm"].get("tie_word_embeddings", True) if saved else file_is_tied(sd)
+    check_tying(sd, tied, weights)
+    if tied:
+        del sd["lm_head.weight"]  # the embeddings: re-tied below instead of converted twice
     for k in list(sd):  # before the tower is read: the file's copy of each tensor goes once converted
         sd[k] = sd.pop(k).to(dtype)
     vision_model = _vision_for(weights, vision, saved, dtype)
@@ -190,15 +201,17 @@ def load_vlm(weights, vision=None, dtype: torch.dtype | None = None, **config_ov
                 "linear" if "vision_proj.vision_proj.0.weight" in sd else "identity")
         if not proj_keys and kind == "identity" and vision_model.config.hidden_size != sd["model.embed_tokens.weight"].shape[1]:
             raise WeightsError(f"{weights}: no projector weights (vision_proj.*) in the checkpoint")
-        cfg = VLMConfig(lm=infer_lm_config(sd, **config_overrides), vision=vision_model.config, projector_type=kind)
+        cfg = VLMConfig(lm=infer_lm_config(sd, tie_word_embeddings=tied, **config_overrides),
+                        vision=vision_model.config, projector_type=kind)
     cfg.vision = vision_model.config
     # Decoder and projector on the meta device: shapes only, no random init that the checkpoint would
     # overwrite; the checkpoint's tensors (converted one by one) then become the parameters.
     with torch.device("meta"):
         model = MiniMindVLM(cfg, vision_model=vision_model)
-    check_state_dict(model.lm_state_dict(), {**sd, "lm_head.weight": sd["model.embed_tokens.weight"]}, weights)
+    check_state_dict(model.lm_state_dict(), {"lm_head.weight": sd["model.embed_tokens.weight"], **sd}, weights)
     model.load_state_dict(sd, strict=False, assign=True)  # vision keys: loaded with the tower
-    model.lm_head.weight = model.model.embed_tokens.weight
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
     # The RoPE tables are derived buffers (not in checkpoints): computed for real now.
     model.model.freqs_cos, model.model.freqs_sin = rope_tables(cfg.lm.head_dim, cfg.lm.max_position_embeddings,
                                                                cfg.lm.rope_theta)
@@ -229,6 +242,7 @@ def load_lm_weights(model, path):
     """Initialise the decoder of `model` (MiniMindLM or MiniMindVLM) from a MiniMind LM checkpoint.
     Every decoder key must be present; projector/vision keys are not expected in an LM file."""
     sd = to_2025_04(load_state_dict(path), model.config.num_attention_heads)
+    check_tying(sd, model.config.tie_word_embeddings, os.fspath(path))
     expected = {k: v for k, v in model.state_dict().items()
                 if not k.startswith(("vision_encoder.", "vision_proj."))}
     check_state_dict(expected, sd, os.fspath(path))

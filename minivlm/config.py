@@ -40,6 +40,9 @@ class LMConfig:
     n_shared_experts: int = 1
     norm_topk_prob: bool = True
     aux_loss_alpha: float = 0.1
+    # MiniMind reads and writes tokens with one matrix (lm_head.weight is embed_tokens.weight). False
+    # gives lm_head its own matrix and unit-scale embeddings (see MiniMindLM.__init__ for why).
+    tie_word_embeddings: bool = True
     # "sdpa" uses F.scaled_dot_product_attention; "eager" computes softmax(QK^T)V by hand and can
     # return the attention weights (used by the notebooks' heat maps and as a benchmark baseline).
     attn_impl: str = "sdpa"

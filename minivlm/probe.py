@@ -2,13 +2,16 @@
 
     python -m minivlm.probe [--weights minivlm/demo/model/sft_vlm_128.pth] [--scenes 60] [--seed 99]
 
-Three probes, each on freshly drawn scenes (a seed no training run used):
+Four probes, each on freshly drawn scenes (a seed no training run used):
 
   yes/no margins   "Is there a <colour> <shape>?" about one-object scenes, for every colour x shape.
                    The answer token's logit of "yes" minus "no", grouped by what the question gets right:
                    both attributes, only the shape, only the colour, neither. A model that checks both
                    says yes only for "both"; one that ignores the shape word gives "both" and "colour
                    only" the same margin.
+  question share   For the same questions: how much of the answer position's state, after each
+                   decoder layer, changes with the question at all (a state that is one large constant
+                   vector whatever is asked cannot answer).
   linear probes    Is each object's shape and colour readable, by a linear classifier, from the image
                    tokens: the vision tower's output, then every decoder layer's output? Once from the
                    mean of the object's cell (2x2 patches), once from single patches.
@@ -85,6 +88,33 @@ def yes_no_margins(p: Probe, n_scenes: int, rng: random.Random) -> dict:
     return groups
 
 
+@torch.no_grad()
+def question_share(p: Probe, n_scenes: int, rng: random.Random) -> list[float]:
+    """Per decoder layer: how much of the answer position's state depends on the question.
+
+    For each one-object scene, all 35 "Is there a <colour> <shape>?" questions are asked; at each layer's
+    output, the spread of the answer position's state across the questions (mean distance from their
+    mean) over the size of that mean. Near 0: the state is one constant vector whatever is asked."""
+    states, hooks = {}, []
+    for k, layer in enumerate(p.model.model.layers):
+        hooks.append(layer.register_forward_hook(lambda m, i, o, k=k: states.__setitem__(k, o[0][0, -1])))
+    shares = []
+    for i in range(n_scenes):
+        scene = sample_scene(rng, max_objects=1)
+        image = render(scene, p.size, random.Random(i))
+        per_q = []
+        for colour in COLOUR_NAMES:
+            for shape in SHAPES:
+                p.forward(image, f"Is there {article(colour)} {colour} {shape}?")
+                per_q.append(torch.stack([states[k] for k in sorted(states)]))  # (layers, h)
+        h = torch.stack(per_q)  # (35, layers, h)
+        mean = h.mean(0)
+        shares.append(((h - mean).norm(dim=-1).mean(0) / mean.norm(dim=-1)).tolist())
+    for hook in hooks:
+        hook.remove()
+    return torch.tensor(shares).mean(0).tolist()
+
+
 def linear_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 300) -> float:
     """Held-out accuracy of a softmax regression from x (N, D) to y (N,); 3/4 train, 1/4 test."""
     cut = int(0.75 * len(y))
@@ -150,10 +180,11 @@ def attention_on_asked_object(p: Probe, n_scenes: int, rng: random.Random) -> li
 LOOKUP_TYPES = ("colour", "shape", "position", "exists")
 
 
-def lookup_sample(tok: Tokenizer, rng: random.Random) -> tuple[str, int, list[int], list[int]]:
+def lookup_sample(tok: Tokenizer, rng: random.Random, types=LOOKUP_TYPES,
+                  max_objects: int = 3) -> tuple[str, int, list[int], list[int]]:
     """(qtype, n_objects, prompt ids, answer ids): the scene as words, a question, the answer."""
-    scene = sample_scene(rng)
-    qtype, question, answer = rng.choice([q for q in questions(scene, rng) if q[0] in LOOKUP_TYPES])
+    scene = sample_scene(rng, max_objects=max_objects)
+    qtype, question, answer = rng.choice([q for q in questions(scene, rng) if q[0] in types])
     return (qtype, len(scene.objects), tok.encode(f"I see {caption(scene)}. {question} Answer:"),
             tok.encode(" " + answer))
 
@@ -173,15 +204,21 @@ def lookup_accuracy(model, test) -> dict:
     return {k: 100 * sum(v) / len(v) for k, v in hits.items()}
 
 
-def text_lookup(tok: Tokenizer, steps: int, seed: int, every: int = 500, lr: float = 1e-3, batch: int = 32):
-    """Train a fresh demo-sized decoder on the text lookup; yield (step, accuracy dict) every `every` steps."""
+def text_lookup(tok: Tokenizer, steps: int, seed: int, every: int = 500, lr: float = 1e-3, batch: int = 32,
+                types=LOOKUP_TYPES, max_objects: int = 3, tie: bool = True):
+    """Train a fresh demo-sized decoder on the text lookup; yield (step, accuracy dict, state share) every
+    `every` steps. The state share is how much the last layer's state at the answer position differs
+    between the held-out questions (mean distance from their mean / size of the mean): ~0 = deaf.
+    tie=False: untied embeddings at unit scale (LMConfig.tie_word_embeddings)."""
     torch.manual_seed(seed)
-    model = MiniMindLM(dataclasses.replace(lm_tiny(), vocab_size=tok.vocab_size))
+    model = MiniMindLM(dataclasses.replace(lm_tiny(), vocab_size=tok.vocab_size, tie_word_embeddings=tie))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     rng, test_rng = random.Random(seed), random.Random(seed + 1)
-    test = [lookup_sample(tok, test_rng) for _ in range(400)]
+    test = [lookup_sample(tok, test_rng, types, max_objects) for _ in range(400)]
+    last = {}
+    model.model.layers[-1].register_forward_hook(lambda m, i, o: last.__setitem__("h", o[0][:, -1]))
     for step in range(1, steps + 1):
-        samples = [lookup_sample(tok, rng) for _ in range(batch)]
+        samples = [lookup_sample(tok, rng, types, max_objects) for _ in range(batch)]
         T = max(len(p) + len(a) for _, _, p, a in samples)
         ids = torch.full((batch, T), tok.pad_id)
         labels = torch.full((batch, T), IGNORE_INDEX)
@@ -193,17 +230,22 @@ def text_lookup(tok: Tokenizer, steps: int, seed: int, every: int = 500, lr: flo
         loss.backward()
         opt.step()
         if step % every == 0 or step == steps:
-            yield step, lookup_accuracy(model, test)
+            acc = lookup_accuracy(model, test)  # its last batch's states are in `last`
+            h = last["h"]
+            yield step, acc, ((h - h.mean(0)).norm(dim=-1).mean() / h.mean(0).norm()).item()
 
 
-def print_text_lookup(tok: Tokenizer, steps: int, seed: int):
-    print("text lookup (no image): a fresh decoder of the demo's size; % right on 400 held-out questions,")
-    print("first with one object in the scene, then with two or three")
-    print(f"  {'step':>6s}  " + "  ".join(f"{t:>15s}" for t in LOOKUP_TYPES))
-    for step, acc in text_lookup(tok, steps, seed):
+def print_text_lookup(tok: Tokenizer, steps: int, seed: int, types=LOOKUP_TYPES, max_objects: int = 3,
+                      tie: bool = True, every: int = 500):
+    print(f"text lookup (no image): a fresh decoder of the demo's size ({'tied' if tie else 'untied'} "
+          f"embeddings); % right on 400 held-out questions,")
+    print("first with one object in the scene, then with two or three; 'state': how much the answer position's")
+    print("last-layer state changes between questions (0 = the same vector whatever is asked)")
+    print(f"  {'step':>6s}  " + "  ".join(f"{t:>15s}" for t in types) + f"  {'state':>6s}")
+    for step, acc, share in text_lookup(tok, steps, seed, every, types=types, max_objects=max_objects, tie=tie):
         cells = [f"{acc.get((t, False), float('nan')):5.0f} / {acc.get((t, True), float('nan')):5.0f}"
-                 for t in LOOKUP_TYPES]
-        print(f"  {step:6d}  " + "  ".join(f"{c:>15s}" for c in cells), flush=True)
+                 for t in types]
+        print(f"  {step:6d}  " + "  ".join(f"{c:>15s}" for c in cells) + f"  {share:6.1%}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -214,17 +256,32 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=99, help="seed of the probe scenes (never used in training)")
     ap.add_argument("--text-lookup", type=int, default=None, metavar="STEPS",
                     help="instead: train a fresh demo-sized decoder on the lookup in text for STEPS steps")
+    ap.add_argument("--types", default=",".join(LOOKUP_TYPES),
+                    help="with --text-lookup: the question types to train and score, comma-separated")
+    ap.add_argument("--max-objects", type=int, default=3, choices=[1, 2, 3],
+                    help="with --text-lookup: objects per scene at most (1: no lookup needed, only comparisons)")
+    ap.add_argument("--untied", action="store_true",
+                    help="with --text-lookup: untied embeddings at unit scale instead of MiniMind's tied ones")
+    ap.add_argument("--every", type=int, default=500, help="with --text-lookup: score every N steps")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     if args.text_lookup is not None:
+        types = tuple(t.strip() for t in args.types.split(","))
+        if not set(types) <= set(LOOKUP_TYPES):
+            ap.error(f"--types: choose from {', '.join(LOOKUP_TYPES)}")
         print_text_lookup(Tokenizer.from_file(args.tokenizer or tokenizer_beside(args.weights)), args.text_lookup,
-                          args.seed)
+                          args.seed, types, args.max_objects, tie=not args.untied, every=args.every)
         return 0
     p = Probe(args.weights, args.tokenizer)
 
     print("yes/no margin (logit yes - logit no) on one-object scenes, by what the question gets right:")
     for name, m in yes_no_margins(p, args.scenes, random.Random(args.seed)).items():
         print(f"  {name:12s} n={len(m):4d}  mean margin {sum(m) / len(m):+.2f}  answers yes {sum(x > 0 for x in m) / len(m):.0%}")
+
+    share = question_share(p, max(1, args.scenes // 6), random.Random(args.seed + 3))
+    print("\nhow much of the answer position's state changes with the question (35 yes/no questions about")
+    print("one-object scenes; spread across the questions / size of their mean; near 0 = deaf to the question):")
+    print("  " + "  ".join(f"layer {k}: {s:.1%}" for k, s in enumerate(share)))
 
     cell_mean, single, y = representations(p, args.scenes * 2, random.Random(args.seed + 1))
     print("\nlinear probe accuracy, held out (shape: chance 20%, colour: chance 14%)")

@@ -19,13 +19,13 @@ RECIPES = {
     ("pretrain", "real"): dict(lr=4e-4, batch_size=16, epochs=4, max_length=640, train_lm_layers=0,
                                warmup_steps=0, train_vision=False),
     ("sft", "real"): dict(lr=2e-5, batch_size=16, epochs=2, max_length=1536, train_lm_layers=-1,
-                          warmup_steps=0, train_vision=False),
+                          warmup_steps=0, train_vision=False, questions_per_image=1),
     ("pretrain", "tiny"): dict(lr=2e-3, batch_size=32, epochs=1, max_length=128, train_lm_layers=-1,
                                warmup_steps=100, train_vision=True, vision_lr=5e-4, data="synthetic",
                                max_steps=1200, synthetic_samples=1_000_000),
     ("sft", "tiny"): dict(lr=1e-3, batch_size=32, epochs=1, max_length=160, train_lm_layers=-1,
                           warmup_steps=50, train_vision=True, vision_lr=3e-4, data="synthetic",
-                          max_steps=1500, synthetic_samples=1_000_000),
+                          max_steps=1500, synthetic_samples=1_000_000, questions_per_image=1),
 }
 
 
@@ -50,6 +50,9 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     a("--out", default="out", help="output folder for checkpoints, logs and the resume state")
     if stage == "pretrain":
         a("--from-lm", default=None, help="initialise the decoder from a MiniMind LM .pth (else random)")
+        a("--untied-embeddings", action="store_true",
+          help="a fresh decoder whose lm_head is not its embedding matrix, embeddings at unit scale "
+               "(LMConfig.tie_word_embeddings=False; see the README on why the demo cannot answer yes/no)")
     else:
         a("--init", default=None, help="checkpoint to start from (default: the pretrain output in --out)")
     a("--train-lm-layers", type=int, default=None,
@@ -81,6 +84,9 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     a("--synthetic-samples", type=int, default=None, help="with --data synthetic: samples per epoch")
     a("--describe-weight", type=float, default=0.2,
       help="with --data synthetic (SFT): odds of a 'describe' question relative to each other question type")
+    a("--questions-per-image", type=positive_int, default=None,
+      help="with --data synthetic (SFT): questions about one image in one conversation, each answer trained "
+           "(more supervision per image forward; tiny recipe: see RECIPES)")
     a("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
       help="compute dtype (autocast); auto = bf16 on a GPU that supports it, else fp32")
     a("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")

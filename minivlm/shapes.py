@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
-from minivlm.prompt import user_turn
+from minivlm.prompt import IMAGE_MARKER, user_turn
 
 VERSION = 2  # bump when rendering or text changes, so old datasets can be told apart
 
@@ -344,6 +344,24 @@ def conversations_for(kind, scenes, rng):
         return [{"conversations": _turns(DIFF_QUESTION, diff_answer(first, second), n_images=2, question_first=True),
                  "qtype": "diff", "n_objects": len(first.objects)}]
     raise ValueError(f"unknown kind {kind!r} (expected pretrain, sft or multi)")
+
+
+def multi_turn(samples):
+    """Several one-question samples about the same image(s) -> one conversation, every answer trained.
+
+    The first turn keeps the image markers; later turns ask their question alone. One image forward
+    then supervises several answers. The rest of a conversation can give an answer away ("Is there a
+    red star?" "yes", then "What colour is the star?"), which only makes that later turn easier: at
+    test time every question stands alone, in the first turn's layout.
+    """
+    if len(samples) == 1:
+        return samples[0]
+    turns = list(samples[0]["conversations"])
+    for s in samples[1:]:
+        user, answer = s["conversations"]
+        question = user["content"].replace(IMAGE_MARKER, "").strip()
+        turns += [{"role": "user", "content": question}, answer]
+    return {"conversations": turns, "qtype": samples[0]["qtype"], "n_objects": samples[0]["n_objects"]}
 
 
 def example_rng(seed, split, index):

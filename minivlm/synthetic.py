@@ -23,7 +23,7 @@ from PIL import Image
 from minivlm.common import Progress
 from minivlm.data import make_sample
 from minivlm.shapes import (CELLS, COLOUR_NAMES, SHAPES, VERSION, caption, conversations_for, example_rng,
-                            make_example, render, sample_scene)
+                            make_example, multi_turn, render, sample_scene)
 
 # -----------------------------------------------------------------------------
 # 1. Files on disk
@@ -153,10 +153,12 @@ class SyntheticVLMDataset(torch.utils.data.Dataset):
     image_size is the side the model sees (passed to make_sample);
     render_size (default: image_size) is the side the scene is drawn at.
     qtype_weights (kind="sft") sets the odds of each question type, e.g. {"describe": 0.2}.
+    questions_per_image (kind="sft"): that many questions about the image in one conversation, each
+    answer trained (see shapes.multi_turn); 1 = one question per sample, like the files.
     """
 
     def __init__(self, kind, length, seed, tokenizer, run_length, max_length, image_size=96,
-                 split="train", render_size=None, qtype_weights=None):
+                 split="train", render_size=None, qtype_weights=None, questions_per_image=1):
         if kind not in ("pretrain", "sft", "multi"):
             raise ValueError(f"unknown kind {kind!r} (expected pretrain, sft or multi)")
         self.kind, self.length, self.seed, self.split = kind, length, seed, split
@@ -168,6 +170,7 @@ class SyntheticVLMDataset(torch.utils.data.Dataset):
         # "describe": its answers are ~20 tokens against 1-2 for the others, so at equal odds it
         # would own most of the token-averaged loss and starve the short answers.
         self.qtype_weights = qtype_weights or {}
+        self.questions_per_image = questions_per_image
 
     def __len__(self):
         return self.length
@@ -177,9 +180,15 @@ class SyntheticVLMDataset(torch.utils.data.Dataset):
         if not 0 <= idx < self.length:
             raise IndexError(idx)
         images, samples = make_example(self.kind, self.seed, self.split, idx + 1, self.render_size)
-        if len(samples) > 1:  # sft: one of the questions; a fresh stream keeps the choice independent
+        if len(samples) > 1:  # sft: some of the questions; a fresh stream keeps the choice independent
+            rng = example_rng(self.seed, self.split + "-pick", idx + 1)
             weights = [self.qtype_weights.get(s["qtype"], 1.0) for s in samples]
-            samples = example_rng(self.seed, self.split + "-pick", idx + 1).choices(samples, weights)
+            picked = []
+            while len(picked) < self.questions_per_image and sum(weights) > 0:  # weighted, no repeats
+                i = rng.choices(range(len(samples)), weights)[0]
+                picked.append(samples[i])
+                weights[i] = 0.0
+            return images, multi_turn(picked)
         return images, samples[0]
 
     def __getitem__(self, idx):

@@ -6,8 +6,7 @@ Two stages, as in LLaVA and MiniMind-V:
   sft       instructions. Projector + the whole decoder trained. Teaches answering.
 The CLIP tower stays frozen in both unless --train-vision (the tiny offline recipe trains it: no CLIP offline).
 
-The run: `setup` (processes, device, dtype), `build` (tokenizer, model, data), `restore` (--resume), then
-the loop of `train_step`, `log_step` and `save` (`restore`, `save` and the rest of --out live in resume.py).
+The run: `setup`, `build` (tokenizer, model, data), `restore` (--resume; resume.py), then `train_step`, `log_step`, `save`.
 
 What the loop guarantees:
   * one process or `torchrun --nproc_per_node N` (DDP; nccl on GPU, gloo on CPU), rank 0 logs/saves;
@@ -178,8 +177,8 @@ def build_model(stage, args, tokenizer) -> MiniMindVLM:
         cfg = vlm_preset(args.preset)
         cfg.lm.vocab_size = tokenizer.vocab_size  # a tokenizer trained offline may have fewer tokens
         cfg.placeholder_id = tokenizer.placeholder_id
-        if args.dropout is not None:
-            cfg.lm.dropout = args.dropout
+        cfg.lm.dropout = cfg.lm.dropout if args.dropout is None else args.dropout
+        cfg.lm.tie_word_embeddings = not getattr(args, "untied_embeddings", False)
         vision = CLIPVisionModel.from_pretrained(args.vision) if args.vision else None
         if vision is not None:
             cfg.vision = vision.config
@@ -207,8 +206,9 @@ def build_dataset(stage, args, tokenizer, cfg):
             return make("pretrain", n)
         # 1 in 8 samples asks about two images. Captions ("describe") are rarer than the other question
         # types: their long answers would otherwise dominate the token-averaged loss.
-        return ConcatDataset([make("sft", n - n // 8, qtype_weights={"describe": args.describe_weight}),
-                              make("multi", n // 8)])
+        sft = make("sft", n - n // 8, qtype_weights={"describe": args.describe_weight},
+                   questions_per_image=getattr(args, "questions_per_image", 1))
+        return ConcatDataset([sft, make("multi", n // 8)])
     parts = [VLMDataset(path, tokenizer=tokenizer, max_length=args.max_length, run_length=cfg.run_length,
                         image_size=cfg.vision.image_size, skip_bad=args.skip_bad,
                         **({} if str(path).endswith(".parquet") else {"images_dir": args.images}))

@@ -56,6 +56,34 @@ def test_save_then_load_vlm_gives_the_same_logits(tmp_path, moe):
     torch.testing.assert_close(loaded(ids, px).logits, m(ids, px).logits)
 
 
+@pytest.mark.parametrize("with_json", [True, False])
+def test_untied_model_saves_and_loads_its_own_lm_head(tmp_path, with_json):
+    torch.manual_seed(0)
+    m = MiniMindVLM(cfg(tie_word_embeddings=False), placeholder_id=34).eval()
+    assert m.lm_head.weight is not m.model.embed_tokens.weight
+    assert 0.9 < m.model.embed_tokens.weight.std().item() < 1.1  # unit-scale embeddings when untied
+    if with_json:
+        save_vlm(m, tmp_path / "vlm.pth", dtype=torch.float32)
+        loaded = load_vlm(tmp_path / "vlm.pth", vision=m.vision_encoder)
+    else:
+        torch.save(m.lm_state_dict(), tmp_path / "vlm.pth")
+        loaded = load_vlm(tmp_path / "vlm.pth", vision=m.vision_encoder, num_attention_heads=4)
+    assert loaded.config.tie_word_embeddings is False
+    assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
+    torch.testing.assert_close(loaded.lm_head.weight, m.lm_head.weight)
+    ids, px = torch.tensor([[1, 34, 34, 34, 34, 5, 6]]), torch.randn(1, 1, 3, 32, 32)
+    torch.testing.assert_close(loaded.eval()(ids, px).logits, m(ids, px).logits)
+
+
+def test_untied_weights_into_a_tied_model_are_refused(tmp_path):
+    m = MiniMindVLM(cfg(tie_word_embeddings=False))
+    save_vlm(m, tmp_path / "vlm.pth", dtype=torch.float32)
+    meta = tmp_path / "vlm.json"
+    meta.write_text(meta.read_text().replace('"tie_word_embeddings": false', '"tie_word_embeddings": true'))
+    with pytest.raises(WeightsError, match="vlm.pth: lm_head.weight differs from model.embed_tokens.weight"):
+        load_vlm(tmp_path / "vlm.pth", vision=m.vision_encoder)
+
+
 def test_load_vlm_without_json_infers_config(tmp_path):
     torch.manual_seed(1)
     c = cfg()

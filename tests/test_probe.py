@@ -47,7 +47,18 @@ def test_text_lookup_reports_every_type_for_one_and_several_objects():
     from minivlm.tokenizer import Tokenizer
     tok = Tokenizer.from_file(tokenizer_beside(DEMO_WEIGHTS))
     curve = list(probe.text_lookup(tok, steps=4, seed=0, every=2))
-    assert [step for step, _ in curve] == [2, 4]
-    for _, acc in curve:
+    assert [step for step, _, _ in curve] == [2, 4]
+    for _, acc, share in curve:
         assert set(acc) == {(t, several) for t in probe.LOOKUP_TYPES for several in (False, True)}
         assert all(0 <= v <= 100 for v in acc.values())
+        assert share > 0  # 400 different questions cannot all leave exactly the same state
+    one = list(probe.text_lookup(tok, steps=2, seed=0, every=2, types=("exists",), max_objects=1, tie=False))
+    assert set(one[0][1]) == {("exists", False)}
+
+
+def test_text_lookup_command_line(capsys):
+    assert probe.main(["--text-lookup", "2", "--every", "1", "--types", "exists", "--max-objects", "1",
+                       "--untied"]) == 0
+    out = capsys.readouterr().out
+    assert "untied" in out and "exists" in out and "colour" not in out.split("step")[1]
+    assert len([line for line in out.splitlines() if line.strip().startswith(("1 ", "2 "))]) == 2

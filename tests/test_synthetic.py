@@ -348,3 +348,37 @@ def test_sft_qtype_weights_change_the_mix():
     rare = SyntheticVLMDataset("sft", 300, 0, None, 36, 160, qtype_weights={"describe": 0.0})
     assert sum(plain.example(i)[1]["qtype"] == "describe" for i in range(300)) > 20
     assert sum(rare.example(i)[1]["qtype"] == "describe" for i in range(300)) == 0
+
+
+def test_questions_per_image_asks_several_questions_in_one_conversation(tmp_path):
+    torch = pytest.importorskip("torch")
+    from minivlm.tokenizer import train_tokenizer
+
+    synthetic.write_dataset(tmp_path, n_train=6, n_test=0, seed=5)
+    tok = train_tokenizer([tmp_path / "pretrain.jsonl", tmp_path / "sft.jsonl"], vocab_size=400)
+    one = synthetic.SyntheticVLMDataset("sft", 40, 5, tok, 4, 200, qtype_weights={"describe": 0.0})
+    many = synthetic.SyntheticVLMDataset("sft", 40, 5, tok, 4, 200, qtype_weights={"describe": 0.0},
+                                         questions_per_image=3)
+    counts = []
+    for i in range(40):
+        images, s = many.example(i)
+        turns = s["conversations"]
+        n = len(turns) // 2  # 3, or all the scene has when fewer types have an unambiguous answer
+        counts.append(n)
+        assert [t["role"] for t in turns] == ["user", "assistant"] * n and n >= 2
+        assert turns[0]["content"].endswith("\n<image>") and all("<image>" not in t["content"] for t in turns[1:])
+        assert len({t["content"] for t in turns[0::2]}) == n  # different questions, none "describe"
+        assert not any(t["content"].startswith("Describe") for t in turns[0::2])
+        # the same image and scene as the one-question sample, and its answers are true of that scene
+        truth = {q: a for _, q, a in S.questions(S.sample_scene(S.example_rng(5, "train", i + 1)), random.Random(0))}
+        assert np.array_equal(np.asarray(images[0]), np.asarray(one.example(i)[0][0]))
+        for q, a in zip(turns[0::2], turns[1::2]):
+            question = q["content"].replace("\n<image>", "")
+            if question in truth and not question.startswith(("Is there", "Where")):
+                assert a["content"] == truth[question], (i, question)
+        # every answer is trained: the label tokens spell the three answers (+ <|im_end|>\n each)
+        x = many[i]
+        trained = tok.decode([t for t in x["labels"].tolist() if t != -100], skip_special_tokens=True)
+        assert trained.split() == " ".join(t["content"] for t in turns[1::2]).split()
+        assert int((x["input_ids"] == tok.placeholder_id).sum()) == 4  # one image run
+    assert counts.count(3) >= 35
