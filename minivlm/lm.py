@@ -335,7 +335,7 @@ class MiniMindLM(nn.Module):
             # with 0.02-scale embeddings (tied or not) a decoder trained from scratch soon carries at the
             # answer position a large constant (the answer prior, with no bias to hold it) next to which
             # the context is ~0.3 % of the state, and "Is there a red star?" about one object stays at
-            # chance for thousands of steps; with unit-scale untied embeddings it is learned in ~750.
+            # chance for thousands of steps; untied at unit scale it reaches 70-90 % within 500-750.
             nn.init.normal_(self.model.embed_tokens.weight, mean=0.0, std=1.0)
 
     def fuse_projections(self):

@@ -152,7 +152,8 @@ class SyntheticVLMDataset(torch.utils.data.Dataset):
 
     image_size is the side the model sees (passed to make_sample);
     render_size (default: image_size) is the side the scene is drawn at.
-    qtype_weights (kind="sft") sets the odds of each question type, e.g. {"describe": 0.2}.
+    qtype_weights (kind="sft") sets the odds of each question type, e.g. {"describe": 0.2}; a scene with no
+    question of a type of nonzero weight gets one of its questions at equal odds.
     questions_per_image (kind="sft"): that many questions about the image in one conversation, each
     answer trained (see shapes.multi_turn); 1 = one question per sample, like the files.
     """
@@ -183,6 +184,8 @@ class SyntheticVLMDataset(torch.utils.data.Dataset):
         if len(samples) > 1:  # sft: some of the questions; a fresh stream keeps the choice independent
             rng = example_rng(self.seed, self.split + "-pick", idx + 1)
             weights = [self.qtype_weights.get(s["qtype"], 1.0) for s in samples]
+            if not any(weights):  # the scene has no question of the weighted types: any of its questions
+                weights = [1.0] * len(samples)
             picked = []
             while len(picked) < self.questions_per_image and sum(weights) > 0:  # weighted, no repeats
                 i = rng.choices(range(len(samples)), weights)[0]

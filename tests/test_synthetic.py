@@ -348,6 +348,10 @@ def test_sft_qtype_weights_change_the_mix():
     rare = SyntheticVLMDataset("sft", 300, 0, None, 36, 160, qtype_weights={"describe": 0.0})
     assert sum(plain.example(i)[1]["qtype"] == "describe" for i in range(300)) > 20
     assert sum(rare.example(i)[1]["qtype"] == "describe" for i in range(300)) == 0
+    only = {t: 0.0 for t in S.QTYPES} | {"colour": 1.0}  # some scenes have no colour question (no unique shape)
+    picked = [SyntheticVLMDataset("sft", 300, 0, None, 36, 160, qtype_weights=only).example(i)[1]["qtype"]
+              for i in range(300)]
+    assert 250 < picked.count("colour") < 300
 
 
 def test_questions_per_image_asks_several_questions_in_one_conversation(tmp_path):
