@@ -29,6 +29,30 @@ RECIPES = {
 }
 
 
+def qtype_weights(text: str) -> str:
+    """argparse type: 'exists=1.5,colour=2' -> 'colour=2.0,exists=1.5' (checked, in a canonical order, and a
+    string, so that the resume state records it); parse_qtype_weights turns it into a dict."""
+    return ",".join(f"{k}={v}" for k, v in sorted(parse_qtype_weights(text).items()))
+
+
+def parse_qtype_weights(text: str) -> dict:
+    """'colour=2,exists=1.5' -> {"colour": 2.0, "exists": 1.5} (the SFT question types but describe)."""
+    from .shapes import QTYPES
+    types = [t for t in QTYPES if t not in ("describe", "diff")]
+    weights = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        if name.strip() not in types:
+            raise argparse.ArgumentTypeError(f"unknown question type {name.strip()!r} (choose from {', '.join(types)})")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected TYPE=NUMBER") from None
+        if weights[name.strip()] < 0:
+            raise argparse.ArgumentTypeError(f"{item!r}: a weight cannot be negative")
+    return weights
+
+
 def build_parser(stage: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=f"train_{stage}.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -84,6 +108,9 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     a("--synthetic-samples", type=int, default=None, help="with --data synthetic: samples per epoch")
     a("--describe-weight", type=float, default=0.2,
       help="with --data synthetic (SFT): odds of a 'describe' question relative to each other question type")
+    a("--qtype-weights", type=qtype_weights, default="", metavar="TYPE=W,...",
+      help="with --data synthetic (SFT): odds of other question types relative to the rest (default 1 each), "
+           "e.g. colour=2,position=2,exists=2,count=0.5 (describe: --describe-weight)")
     a("--questions-per-image", type=positive_int, default=None,
       help="with --data synthetic (SFT): questions about one image in one conversation, each answer trained "
            "(more supervision per image forward; tiny recipe: see RECIPES)")

@@ -6,7 +6,7 @@ Two stages, as in LLaVA and MiniMind-V:
   sft       instructions. Projector + the whole decoder trained. Teaches answering.
 The CLIP tower stays frozen in both unless --train-vision (the tiny offline recipe trains it: no CLIP offline).
 
-The run: `setup`, `build` (tokenizer, model, data), `restore` (--resume; resume.py), then `train_step`, `log_step`, `save`.
+The run: `setup`, `build` (tokenizer, model, data), `restore` (--resume; resume.py), `train_step`, `log_step`, `save`.
 
 What the loop guarantees:
   * one process or `torchrun --nproc_per_node N` (DDP; nccl on GPU, gloo on CPU), rank 0 logs/saves;
@@ -43,7 +43,7 @@ from .data import DataError, VLMDataset, collate_vlm, data_summary
 from .optim import lr_factor, make_optimizer, set_lr
 from .parquet import grouped_order
 from .processing import ImageLoadError
-from .recipes import RECIPES, build_parser, resolve  # noqa: F401  (RECIPES: part of this module's API)
+from .recipes import RECIPES, build_parser, parse_qtype_weights, resolve  # noqa: F401  (RECIPES: public API)
 from .resume import (CSV_FIELDS, Paths, Saver, StopRequest, check_out, checkpoint_name, ignore_signals,
                      prepare_out, restore, save, stop_requested)
 from .tokenizer import Tokenizer
@@ -118,7 +118,8 @@ def set_trainable(model: MiniMindVLM, stage: str, train_lm_layers: int, train_vi
     model.requires_grad_(False)
     model.vision_proj.requires_grad_(True)
     if stage == "sft" or train_lm_layers < 0:
-        model.model.requires_grad_(True)  # includes the (tied) embeddings
+        model.model.requires_grad_(True)  # includes the embeddings (and, when tied, the output layer)
+        model.lm_head.requires_grad_(True)  # an untied output layer lives outside model.model
     elif train_lm_layers > 0:
         for layer in model.model.layers[-train_lm_layers:]:
             layer.requires_grad_(True)
@@ -204,10 +205,9 @@ def build_dataset(stage, args, tokenizer, cfg):
         n = args.synthetic_samples
         if stage == "pretrain":
             return make("pretrain", n)
-        # 1 in 8 samples asks about two images. Captions ("describe") are rarer than the other question
-        # types: their long answers would otherwise dominate the token-averaged loss.
-        sft = make("sft", n - n // 8, qtype_weights={"describe": args.describe_weight},
-                   questions_per_image=getattr(args, "questions_per_image", 1))
+        # 1 in 8 samples asks about two images. Captions are rarer: their long answers would dominate the loss.
+        weights = {**parse_qtype_weights(args.qtype_weights), "describe": args.describe_weight}
+        sft = make("sft", n - n // 8, qtype_weights=weights, questions_per_image=args.questions_per_image)
         return ConcatDataset([sft, make("multi", n // 8)])
     parts = [VLMDataset(path, tokenizer=tokenizer, max_length=args.max_length, run_length=cfg.run_length,
                         image_size=cfg.vision.image_size, skip_bad=args.skip_bad,

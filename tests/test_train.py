@@ -87,6 +87,15 @@ def test_freeze_policies_train_exactly_the_intended_parameters():
     assert trainable_counts(m) == {"vision": 0, "projector": proj, "lm": lm}
     set_trainable(m, "sft", 0, True)
     assert trainable_counts(m) == {"vision": vision, "projector": proj, "lm": lm}
+    # untied, the output layer is a matrix of its own outside m.model: trained with the whole decoder
+    cfg.lm.tie_word_embeddings = False
+    u = MiniMindVLM(cfg)
+    head = u.lm_head.weight.numel()
+    set_trainable(u, "pretrain", 0, False)
+    assert trainable_counts(u)["lm"] == 0 and not u.lm_head.weight.requires_grad
+    for stage, k in (("pretrain", -1), ("sft", 0)):
+        set_trainable(u, stage, k, False)
+        assert trainable_counts(u)["lm"] == lm + head and u.lm_head.weight.requires_grad
 
 
 def test_resume_is_bit_identical(shapes_dir, shapes_tokenizer_path, tmp_path):
@@ -343,3 +352,22 @@ def test_torchrun_resume_with_dropout_across_an_epoch_boundary_is_bit_identical(
     sb = torch.load(b / "resume_pretrain.pt", weights_only=True)["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert [int(r["step"]) for r in read_csv(b / "log_pretrain.csv")] == list(range(1, 9))
+
+
+def test_untied_pretrain_then_sft_with_several_weighted_questions_per_image(shapes_tokenizer_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--preset", "tiny", "--data", "synthetic", "--tokenizer", str(shapes_tokenizer_path), "--out", str(out),
+              "--batch-size", "4", "--num-workers", "0", "--max-steps", "2", "--synthetic-samples", "64"]
+    assert main("pretrain", common + ["--untied-embeddings"]) == 0
+    model = load_vlm(out / "pretrain_vlm_128.pth")
+    assert model.config.tie_word_embeddings is False and model.lm_head.weight is not model.model.embed_tokens.weight
+    sft = common + ["--questions-per-image", "3", "--qtype-weights", "exists=2,count=0"]
+    assert main("sft", sft) == 0
+    assert load_vlm(out / "sft_vlm_128.pth").config.tie_word_embeddings is False  # kept from the pretrain
+    saved = torch.load(out / "resume_sft.pt", weights_only=True)["args"]
+    assert saved["questions_per_image"] == 3 and saved["qtype_weights"] == "count=0.0,exists=2.0"
+    capsys.readouterr()
+    assert main("sft", common[:-4] + ["--max-steps", "3", "--synthetic-samples", "64", "--resume",
+                                      "--questions-per-image", "2", "--qtype-weights", "exists=2,count=0"]) == 2
+    said = capsys.readouterr()
+    assert "--questions-per-image 3 -> 2" in said.out + said.err
