@@ -111,6 +111,8 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     a("--qtype-weights", type=qtype_weights, default="", metavar="TYPE=W,...",
       help="with --data synthetic (SFT): odds of other question types relative to the rest (default 1 each), "
            "e.g. colour=2,position=2,exists=2,count=0.5 (describe: --describe-weight)")
+    a("--multi-fraction", type=float, default=0.125,
+      help="with --data synthetic (SFT): the share of samples that ask about two images (0 = none)")
     a("--questions-per-image", type=positive_int, default=None,
       help="with --data synthetic (SFT): questions about one image in one conversation, each answer trained "
            "(more supervision per image forward; tiny recipe: see RECIPES)")

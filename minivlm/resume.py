@@ -36,8 +36,8 @@ CSV_FIELDS = ["epoch", "step", "total_steps", "loss", "lr", "samples_per_s", "to
 
 # The flags that fix the data order and the step count (plus the process count, recorded as "world").
 RESUME_FLAGS = ("preset", "data", "images", "batch_size", "grad_accum", "epochs", "max_steps", "seed",
-                "max_length", "synthetic_samples", "describe_weight", "qtype_weights", "questions_per_image", "world",
-                "group_by_length", "untied_embeddings")
+                "max_length", "synthetic_samples", "describe_weight", "qtype_weights", "questions_per_image",
+                "multi_fraction", "world", "group_by_length", "untied_embeddings")
 
 
 # ---------------------------------------------------------------------------------------------

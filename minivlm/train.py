@@ -205,10 +205,10 @@ def build_dataset(stage, args, tokenizer, cfg):
         n = args.synthetic_samples
         if stage == "pretrain":
             return make("pretrain", n)
-        # 1 in 8 samples asks about two images. Captions are rarer: their long answers would dominate the loss.
+        n_multi = int(n * args.multi_fraction)  # 1 in 8 ask about two images; captions are rarer (long answers)
         weights = {**parse_qtype_weights(args.qtype_weights), "describe": args.describe_weight}
-        sft = make("sft", n - n // 8, qtype_weights=weights, questions_per_image=args.questions_per_image)
-        return ConcatDataset([sft, make("multi", n // 8)])
+        sft = make("sft", n - n_multi, qtype_weights=weights, questions_per_image=args.questions_per_image)
+        return ConcatDataset([sft, make("multi", n_multi)])
     parts = [VLMDataset(path, tokenizer=tokenizer, max_length=args.max_length, run_length=cfg.run_length,
                         image_size=cfg.vision.image_size, skip_bad=args.skip_bad,
                         **({} if str(path).endswith(".parquet") else {"images_dir": args.images}))

@@ -371,3 +371,15 @@ def test_untied_pretrain_then_sft_with_several_weighted_questions_per_image(shap
                                       "--questions-per-image", "2", "--qtype-weights", "exists=2,count=0"]) == 2
     said = capsys.readouterr()
     assert "--questions-per-image 3 -> 2" in said.out + said.err
+
+
+def test_multi_fraction_sets_the_share_of_two_image_samples(shapes_tokenizer_path):
+    from minivlm.recipes import build_parser, resolve
+    from minivlm.tokenizer import Tokenizer
+    from minivlm.train import build_dataset
+    tok = Tokenizer.from_file(shapes_tokenizer_path)
+    for fraction, multi in (("0.125", 100), ("0", 0), ("0.5", 400)):
+        args = resolve("sft", build_parser("sft").parse_args(
+            ["--preset", "tiny", "--data", "synthetic", "--synthetic-samples", "800", "--multi-fraction", fraction]))
+        ds = build_dataset("sft", args, tok, vlm_preset("tiny"))
+        assert [len(d) for d in ds.datasets] == [800 - multi, multi]
