@@ -53,6 +53,14 @@ def parse_qtype_weights(text: str) -> dict:
     return weights
 
 
+def fraction(text: str) -> float:
+    """argparse type: a number from 0 to 1."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text}: expected a fraction from 0 to 1")
+    return value
+
+
 def build_parser(stage: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=f"train_{stage}.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -111,7 +119,7 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     a("--qtype-weights", type=qtype_weights, default="", metavar="TYPE=W,...",
       help="with --data synthetic (SFT): odds of other question types relative to the rest (default 1 each), "
            "e.g. colour=2,position=2,exists=2,count=0.5 (describe: --describe-weight)")
-    a("--multi-fraction", type=float, default=0.125,
+    a("--multi-fraction", type=fraction, default=0.125,
       help="with --data synthetic (SFT): the share of samples that ask about two images (0 = none)")
     a("--questions-per-image", type=positive_int, default=None,
       help="with --data synthetic (SFT): questions about one image in one conversation, each answer trained "

@@ -383,3 +383,5 @@ def test_multi_fraction_sets_the_share_of_two_image_samples(shapes_tokenizer_pat
             ["--preset", "tiny", "--data", "synthetic", "--synthetic-samples", "800", "--multi-fraction", fraction]))
         ds = build_dataset("sft", args, tok, vlm_preset("tiny"))
         assert [len(d) for d in ds.datasets] == [800 - multi, multi]
+    with pytest.raises(SystemExit):
+        build_parser("sft").parse_args(["--multi-fraction", "1.5"])
