@@ -181,8 +181,11 @@ def load_vlm(weights, vision=None, dtype: torch.dtype | None = None, **config_ov
     heads = config_overrides.get("num_attention_heads",
                                  saved["vlm"]["lm"]["num_attention_heads"] if saved else 8)
     sd = to_2025_04(load_state_dict(weights), heads)
-    tied = saved["vlm"]["lm"].get("tie_word_embeddings", True) if saved else file_is_tied(sd)
-    check_tying(sd, tied, weights)
+    if saved:
+        tied = saved["vlm"]["lm"].get("tie_word_embeddings", True)
+        check_tying(sd, tied, weights)
+    else:
+        tied = file_is_tied(sd)  # no config to say: the file decides
     if tied:
         del sd["lm_head.weight"]  # the embeddings: re-tied below instead of converted twice
     for k in list(sd):  # before the tower is read: the file's copy of each tensor goes once converted

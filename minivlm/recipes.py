@@ -19,13 +19,13 @@ RECIPES = {
     ("pretrain", "real"): dict(lr=4e-4, batch_size=16, epochs=4, max_length=640, train_lm_layers=0,
                                warmup_steps=0, train_vision=False),
     ("sft", "real"): dict(lr=2e-5, batch_size=16, epochs=2, max_length=1536, train_lm_layers=-1,
-                          warmup_steps=0, train_vision=False, questions_per_image=1),
+                          warmup_steps=0, train_vision=False),
     ("pretrain", "tiny"): dict(lr=2e-3, batch_size=32, epochs=1, max_length=128, train_lm_layers=-1,
                                warmup_steps=100, train_vision=True, vision_lr=5e-4, data="synthetic",
                                max_steps=1200, synthetic_samples=1_000_000),
     ("sft", "tiny"): dict(lr=1e-3, batch_size=32, epochs=1, max_length=160, train_lm_layers=-1,
                           warmup_steps=50, train_vision=True, vision_lr=3e-4, data="synthetic",
-                          max_steps=1500, synthetic_samples=1_000_000, questions_per_image=1),
+                          max_steps=1500, synthetic_samples=1_000_000),
 }
 
 
@@ -121,9 +121,9 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
            "e.g. colour=2,position=2,exists=2,count=0.5 (describe: --describe-weight)")
     a("--multi-fraction", type=fraction, default=0.125,
       help="with --data synthetic (SFT): the share of samples that ask about two images (0 = none)")
-    a("--questions-per-image", type=positive_int, default=None,
+    a("--questions-per-image", type=positive_int, default=1,
       help="with --data synthetic (SFT): questions about one image in one conversation, each answer trained "
-           "(more supervision per image forward; tiny recipe: see RECIPES)")
+           "(more supervision per image forward)")
     a("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
       help="compute dtype (autocast); auto = bf16 on a GPU that supports it, else fp32")
     a("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")

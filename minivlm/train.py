@@ -179,7 +179,7 @@ def build_model(stage, args, tokenizer) -> MiniMindVLM:
         cfg.lm.vocab_size = tokenizer.vocab_size  # a tokenizer trained offline may have fewer tokens
         cfg.placeholder_id = tokenizer.placeholder_id
         cfg.lm.dropout = cfg.lm.dropout if args.dropout is None else args.dropout
-        cfg.lm.tie_word_embeddings = not getattr(args, "untied_embeddings", False)
+        cfg.lm.tie_word_embeddings = not args.untied_embeddings
         vision = CLIPVisionModel.from_pretrained(args.vision) if args.vision else None
         if vision is not None:
             cfg.vision = vision.config
