@@ -26,7 +26,7 @@ Four probes, each on freshly drawn scenes (a seed no training run used):
                    colour is the cross? Answer: blue", and scored on held-out scenes every few hundred
                    steps, with one object and with several. It separates "cannot see" from "cannot look up".
 
-The README's "Why the demo could not answer yes/no" section was written from this output.
+The README's "Why the demo could not answer ..." section was written from this output.
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
         a("--from-lm", default=None, help="initialise the decoder from a MiniMind LM .pth (else random)")
         a("--untied-embeddings", action="store_true",
           help="a fresh decoder whose lm_head is not its embedding matrix, embeddings at unit scale "
-               "(LMConfig.tie_word_embeddings=False; see the README on why the demo cannot answer yes/no)")
+               "(LMConfig.tie_word_embeddings=False; see the README on why the demo could not answer yes/no)")
     else:
         a("--init", default=None, help="checkpoint to start from (default: the pretrain output in --out)")
     a("--train-lm-layers", type=int, default=None,
