@@ -19,6 +19,15 @@ Four probes, each on freshly drawn scenes (a seed no training run used):
                    the attention onto the three objects' cells, the share on the asked object's cell,
                    per layer (a third = no preference).
 
+    python -m minivlm.probe --binding
+
+  same answer      "Where is the <shape>?" and "What colour is the <shape>?" about each object of three-object
+                   scenes in turn: how often all three answers are the same (the question is not read).
+  caption pointer  A caption forced to start with an object that is not first in reading order: whose cell
+                   does the model write next, the named object's or the first one's?
+  attention        From the answer position of "Where is the <shape>?" and "Where is the <colour> object?",
+                   the share of attention on the asked object, in the head that prefers it most.
+
     python -m minivlm.probe --text-lookup 8000
 
   text lookup      No image at all: a fresh decoder of the demo's size is trained on text that already
@@ -40,11 +49,13 @@ import torch.nn.functional as F
 
 from .checkpoint import load_with_tokenizer, tokenizer_beside
 from .config import lm_tiny
-from .generate import encode_batch, left_pad
+from .generate import SamplingConfig, answer_batch, encode_batch, generate, left_pad
 from .inference import DEMO_WEIGHTS
 from .lm import MiniMindLM
 from .prompt import IGNORE_INDEX, user_turn
-from .shapes import COLOUR_NAMES, SHAPES, article, caption, questions, render, sample_scene
+from .scoring import normalize_answer
+from .shapes import (CELL_PHRASES, CELLS, COLOUR_NAMES, SHAPES, article, caption, questions, render,
+                     sample_scene)
 from .tokenizer import Tokenizer
 
 
@@ -182,6 +193,81 @@ def attention_on_asked_object(p: Probe, n_scenes: int, rng: random.Random) -> li
     return torch.tensor(shares).mean(0).tolist()
 
 
+def three_shape_scenes(rng: random.Random, n: int):
+    """n scenes of three objects with three different shapes (so "the <shape>" names exactly one)."""
+    while n:
+        scene = sample_scene(rng, min_objects=3)
+        if len({o.shape for o in scene.objects}) == 3:
+            n -= 1
+            yield scene
+
+
+def same_answer_whatever_asked(p: Probe, n_scenes: int, rng: random.Random) -> dict:
+    """Ask "Where is the <shape>?" and "What colour is the <shape>?" about each of the three objects of a
+    scene. Per question kind: answers right, and scenes where all three answers are the same (a model that
+    reads the question gives three different cells; only the colours of a scene may repeat)."""
+    stats = {kind: {"right": 0, "same": 0, "asked": 0} for kind in ("position", "colour")}
+    for i, scene in enumerate(three_shape_scenes(rng, n_scenes)):
+        image = render(scene, p.size, random.Random(i))
+        for kind, ask, truth in (("position", "Where is the {}?", lambda o: CELLS[o.cell]),
+                                 ("colour", "What colour is the {}?", lambda o: o.colour)):
+            said = [normalize_answer(a) for a in answer_batch(
+                p.model, p.tok, [([image], ask.format(o.shape)) for o in scene.objects],
+                SamplingConfig(max_new_tokens=8, temperature=0.0), question_first=p.question_first)]
+            s = stats[kind]
+            s["right"] += sum(a == truth(o) for a, o in zip(said, scene.objects))
+            s["same"] += len(set(said)) == 1
+            s["asked"] += 3
+    return stats
+
+
+@torch.no_grad()
+def caption_pointer(p: Probe, n_scenes: int, rng: random.Random) -> dict:
+    """Captions list objects in reading order. Force a caption to start with an object that is *not* the
+    first ("a small blue star" ...) and see whose cell the model writes next: the named object's (it binds
+    the name to its place) or the first object's (it keeps a pointer to "the next object in reading order")."""
+    counts = {"named object's cell": 0, "first object's cell": 0, "another object's cell": 0, "no object's cell": 0}
+    for i in range(n_scenes):
+        scene = sample_scene(rng, min_objects=2)
+        o = scene.objects[rng.randrange(1, len(scene.objects))]
+        image = render(scene, p.size, random.Random(i))
+        batch = encode_batch(p.model, p.tok, [([image], [{"role": "user", "content": user_turn(
+            "Describe the image.", 1, p.question_first)}])])
+        ids = torch.cat([batch["input_ids"], torch.tensor([p.tok.encode(f"a {o.size} {o.colour} {o.shape}")])], 1)
+        new = generate(p.model, ids, batch["pixel_values"], batch["image_counts"], torch.ones_like(ids),
+                       SamplingConfig(max_new_tokens=6, temperature=0.0), eos_id=p.tok.eos_id, pad_id=p.tok.pad_id)
+        text = p.tok.decode(new[0].tolist(), skip_special_tokens=True).strip()
+        cells = [c for c, phrase in enumerate(CELL_PHRASES) if text.startswith(phrase)]
+        cell = max(cells, key=lambda c: len(CELL_PHRASES[c])) if cells else None  # "at the top left" over "at the top"
+        key = ("named object's cell" if cell == o.cell else "first object's cell" if cell == scene.objects[0].cell
+               else "another object's cell" if cell in [q.cell for q in scene.objects] else "no object's cell")
+        counts[key] += 1
+    return counts
+
+
+def attention_by_name(p: Probe, n_scenes: int, rng: random.Random) -> dict:
+    """Per layer, the largest share (over heads) of the answer position's attention onto the three objects'
+    cells that lands on the asked one, for "Where is the <shape>?" and for "Where is the <colour> object?"
+    (a phrasing the demo never trained on; only scenes whose asked colour is unique)."""
+    shares = {"Where is the <shape>?": [], "Where is the <colour> object?": []}
+    for i, scene in enumerate(three_shape_scenes(rng, n_scenes)):
+        image = render(scene, p.size, random.Random(i))
+        asked = rng.choice(scene.objects)
+        unique_colour = [o.colour for o in scene.objects].count(asked.colour) == 1
+        for name, question in (("Where is the <shape>?", f"Where is the {asked.shape}?"),
+                               ("Where is the <colour> object?", f"Where is the {asked.colour} object?")):
+            if name.startswith("Where is the <colour>") and not unique_colour:
+                continue
+            out, start = p.forward(image, question, output_attentions=True)
+            per_layer = []
+            for w in out.attentions:  # (1, H, T, T)
+                on = torch.stack([w[0, :, -1, [start + j for j in p.cell_patches(o.cell)]].sum(-1)
+                                  for o in scene.objects], -1)  # (H, 3): attention onto each object, per head
+                per_layer.append((on[:, scene.objects.index(asked)] / on.sum(-1)).max().item())
+            shares[name].append(per_layer)
+    return {name: torch.tensor(s).mean(0).tolist() for name, s in shares.items() if s}
+
+
 LOOKUP_TYPES = ("colour", "shape", "position", "exists")
 
 
@@ -252,6 +338,24 @@ def print_text_lookup(tok: Tokenizer, steps: int, seed: int, types=LOOKUP_TYPES,
         print(f"  {step:6d}  " + "  ".join(f"{c:>15s}" for c in cells) + f"  {share:6.1%}", flush=True)
 
 
+def print_binding(p: Probe, n_scenes: int, seed: int):
+    stats = same_answer_whatever_asked(p, n_scenes, random.Random(seed))
+    print(f"each of the 3 objects of {n_scenes} three-object scenes asked about in turn (3 different shapes):")
+    for kind, s in stats.items():
+        question = "Where is the <shape>?" if kind == "position" else "What colour is the <shape>?"
+        print(f"  {question:28s} right {s['right']:4d} / {s['asked']}   the same answer all three times: "
+              f"{s['same']:3d} of {n_scenes} scenes")
+    counts = caption_pointer(p, n_scenes, random.Random(seed + 1))
+    print(f"\n'Describe the image.' with the reply forced to start with an object that is not the first in reading "
+          f"order\n('a small blue star'); the cell the model writes next, {n_scenes} scenes of 2-3 objects:")
+    print("  " + "   ".join(f"{k}: {v}" for k, v in counts.items()))
+    shares = attention_by_name(p, n_scenes, random.Random(seed + 2))
+    print("\nof the answer position's attention onto the 3 objects' cells, the share on the asked object, in the head")
+    print("that prefers it most (per layer; with no preference the best of 4 noisy heads still lands at ~55-70%):")
+    for name, per_layer in shares.items():
+        print(f"  {name:30s} " + "  ".join(f"layer {k}: {v:.0%}" for k, v in enumerate(per_layer)))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m minivlm.probe", description=__doc__.split("\n")[0])
     ap.add_argument("--weights", default=DEMO_WEIGHTS, help="a shapes-world checkpoint (default: the demo model)")
@@ -267,6 +371,9 @@ def main(argv=None) -> int:
     ap.add_argument("--untied", action="store_true",
                     help="with --text-lookup: untied embeddings at unit scale instead of MiniMind's tied ones")
     ap.add_argument("--every", type=int, default=500, help="with --text-lookup: score every N steps")
+    ap.add_argument("--binding", action="store_true",
+                    help="instead: the three probes of why 'Where is ...?' fails (does the answer depend on the "
+                         "question, whose cell does a caption write, where does the answer position look)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     if args.text_lookup is not None:
@@ -277,6 +384,9 @@ def main(argv=None) -> int:
                           args.seed, types, args.max_objects, tie=not args.untied, every=args.every)
         return 0
     p = Probe(args.weights, args.tokenizer)
+    if args.binding:
+        print_binding(p, args.scenes, args.seed)
+        return 0
 
     print("yes/no margin (logit yes - logit no) on one-object scenes, by what the question gets right:")
     for name, m in yes_no_margins(p, args.scenes, random.Random(args.seed)).items():

@@ -62,3 +62,24 @@ def test_text_lookup_command_line(capsys):
     out = capsys.readouterr().out
     assert "untied" in out and "exists" in out and "colour" not in out.split("step")[1]
     assert len([line for line in out.splitlines() if line.strip().startswith(("1 ", "2 "))]) == 2
+
+
+def test_binding_probes_on_the_demo_model(capsys):
+    assert probe.main(["--binding", "--scenes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "/ 6" in out and "of 2 scenes" in out  # 2 scenes x 3 objects asked, for both question kinds
+    pointer = out.split("2-3 objects:")[1].splitlines()[1]
+    assert sum(int(part.rsplit(": ", 1)[1]) for part in pointer.split("   ")) == 2  # every scene counted once
+    assert "Where is the <shape>?          layer 0:" in out and "layer 3:" in out
+
+
+def test_caption_pointer_counts_every_scene_once():
+    import random
+    p = probe.Probe(probe.DEMO_WEIGHTS)
+    counts = probe.caption_pointer(p, 3, random.Random(0))
+    assert sum(counts.values()) == 3
+    stats = probe.same_answer_whatever_asked(p, 2, random.Random(0))
+    assert stats["colour"]["asked"] == 6 and 0 <= stats["position"]["same"] <= 2
+    # the demo reads colour questions: the three colour answers about a scene are never all the same
+    # unless the scene's colours are; and it names each object's colour
+    assert stats["colour"]["right"] >= 5
