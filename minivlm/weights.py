@@ -139,7 +139,8 @@ def load_state_dict(path, keys=None, dtype: torch.dtype | None = None) -> dict[s
         # mmap: tensors are read from the file when touched; those not wanted are never read.
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except TORCH_LOAD_ERRORS as e:  # weights_only: a pickle that would run code is an UnpicklingError
-        raise WeightsError(f"{path}: cannot be read by torch.load ({type(e).__name__}: {e})") from None
+        first = (str(e).strip().splitlines() or [""])[0]  # torch's own messages run over many lines
+        raise WeightsError(f"{path}: cannot be read by torch.load ({type(e).__name__}: {first})") from None
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]  # a training checkpoint that wraps the weights
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
