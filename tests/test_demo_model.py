@@ -1,7 +1,7 @@
 """A guard on the shipped demo model: a small fixed held-out set (a seed no training run used) must keep the
-accuracy the README reports for the question types the model has learned: colour, shape, count, yes/no,
-describe and the two-image difference, each >= 90 %. Position about several objects it has not learned (see
-the README's "Why the demo could not answer ..."), so position is only checked where it is easy: one object."""
+accuracy the README reports: every question type (colour, shape, count, position, yes/no, describe) and the
+two-image difference each >= 90 %, and position about two or three objects (the type the demo learnt last,
+README "Round five") >= 90 % on its own. On this set the shipped model scores 100 % on all of them."""
 
 import pytest
 
@@ -33,12 +33,15 @@ def acc(scores, qtype):
 def test_the_demo_model_keeps_what_it_has_learned(scores):
     sft, multi = scores
     assert sft["overall"]["total"] >= 300  # a few hundred questions, a few seconds
-    for qtype in ("colour", "count", "shape", "exists", "describe"):
+    for qtype in ("colour", "count", "shape", "position", "exists", "describe"):
         assert acc(sft, qtype) >= 0.9, (qtype, sft["by_qtype"][qtype])
     assert acc(multi, "diff") >= 0.9, multi["by_qtype"]["diff"]
 
 
-def test_position_about_one_object_is_answered(scores):
+def test_position_about_several_objects_is_answered(scores):
     sft, _ = scores
-    one = sft["by_qtype_nobj"]["position"][1]  # with one object the name does not matter
-    assert one["acc"] >= 0.9, one
+    by_n = sft["by_qtype_nobj"]["position"]
+    # with one object the name does not matter; with several the model must bind the name to its place
+    right = sum(by_n[n]["correct"] for n in (2, 3))
+    total = sum(by_n[n]["total"] for n in (2, 3))
+    assert total >= 30 and right / total >= 0.9, by_n
