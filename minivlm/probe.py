@@ -372,8 +372,8 @@ def main(argv=None) -> int:
                     help="with --text-lookup: untied embeddings at unit scale instead of MiniMind's tied ones")
     ap.add_argument("--every", type=int, default=500, help="with --text-lookup: score every N steps")
     ap.add_argument("--binding", action="store_true",
-                    help="instead: the three probes of why 'Where is ...?' fails (does the answer depend on the "
-                         "question, whose cell does a caption write, where does the answer position look)")
+                    help="instead: the three probes of 'Where is ...?' (README, round five): does the answer depend "
+                         "on the question, whose cell does a forced caption write, where does the answer position look")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     if args.text_lookup is not None:
