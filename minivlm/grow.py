@@ -82,16 +82,14 @@ def main(argv=None) -> int:
             raise UserError(f"--weights {args.weights}: no such file")
         model = load_vlm(args.weights)
         meta = read_meta(args.weights)
-        n = model.vlm_config.lm.num_hidden_layers
-        if args.at is not None and not 0 <= args.at <= n:
-            raise UserError(f"--at {args.at}: the decoder of {args.weights} has {n} blocks, so --at must be 0..{n}")
-        grown = grow_decoder(model, args.add_layers, args.at)
-    except WeightsError as e:
+        old = model.vlm_config.lm.num_hidden_layers
+        at = old if args.at is None else args.at
+        if not 0 <= at <= old:
+            raise UserError(f"--at {at}: the decoder of {args.weights} has {old} blocks, so --at must be 0..{old}")
+    except (UserError, WeightsError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
-    except UserError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
+    grown = grow_decoder(model, args.add_layers, at)
     os.makedirs(args.out, exist_ok=True)
     vision_folder = None
     if "vision_folder" in meta:  # a tower trained with the checkpoint travels with it
@@ -104,8 +102,6 @@ def main(argv=None) -> int:
     save_vlm(grown, path, dtype=torch.float32, vision_folder=vision_folder,
              question_first=bool(meta.get("question_first", False)),
              tokenizer_vocab_size=meta.get("tokenizer_vocab_size"))
-    old = model.vlm_config.lm.num_hidden_layers
-    at = old if args.at is None else args.at
     print(f"wrote {path}: {old} -> {old + args.add_layers} decoder blocks (new: {at}..{at + args.add_layers - 1}, "
           f"identity at start), {sum(p.numel() for p in grown.lm_state_dict().values()):,} parameters without "
           f"the vision tower")

@@ -172,6 +172,12 @@ def representations(p: Probe, n_scenes: int, rng: random.Random):
     return cell_mean, single, torch.tensor(labels)
 
 
+def attention_onto_objects(p: Probe, weights: torch.Tensor, start: int, objects) -> torch.Tensor:
+    """One layer's attention weights (1, H, T, T) -> (H, objects): how much the last position (where the answer's
+    first token is chosen) attends to each object's cell, per head; `start` is the image run's first position."""
+    return torch.stack([weights[0, :, -1, [start + j for j in p.cell_patches(o.cell)]].sum(-1) for o in objects], -1)
+
+
 def attention_on_asked_object(p: Probe, n_scenes: int, rng: random.Random) -> list[float]:
     """Per layer: of the answer position's attention onto the three objects' cells, the share that lands
     on the asked object's cell (output_attentions=True makes lm.py compute the weights by hand)."""
@@ -186,9 +192,8 @@ def attention_on_asked_object(p: Probe, n_scenes: int, rng: random.Random) -> li
                                output_attentions=True)
         per_layer = []
         for w in out.attentions:  # (1, H, T, T)
-            row = w[0, :, -1].mean(0)  # the answer position's attention, mean over heads: (T,)
-            on = {o.cell: row[[start + j for j in p.cell_patches(o.cell)]].sum() for o in scene.objects}
-            per_layer.append((on[asked.cell] / sum(on.values())).item())
+            on = attention_onto_objects(p, w, start, scene.objects).mean(0)  # mean over heads: (objects,)
+            per_layer.append((on[scene.objects.index(asked)] / on.sum()).item())
         shares.append(per_layer)
     return torch.tensor(shares).mean(0).tolist()
 
@@ -261,8 +266,7 @@ def attention_by_name(p: Probe, n_scenes: int, rng: random.Random) -> dict:
             out, start = p.forward(image, question, output_attentions=True)
             per_layer = []
             for w in out.attentions:  # (1, H, T, T)
-                on = torch.stack([w[0, :, -1, [start + j for j in p.cell_patches(o.cell)]].sum(-1)
-                                  for o in scene.objects], -1)  # (H, 3): attention onto each object, per head
+                on = attention_onto_objects(p, w, start, scene.objects)  # (H, 3)
                 per_layer.append((on[:, scene.objects.index(asked)] / on.sum(-1)).max().item())
             shares[name].append(per_layer)
     return {name: torch.tensor(s).mean(0).tolist() for name, s in shares.items() if s}
