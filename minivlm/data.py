@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .attn_supervision import collate_looks
 from .processing import ImageLoadError, load_image, preprocess_image
 from .prompt import IGNORE_INDEX, IMAGE_MARKER, encode_chat
 
@@ -388,6 +389,7 @@ def collate_vlm(batch, pad_id=0):
         pixel_values    FloatTensor (B, N_max, 3, S, S), zero-padded; N_max may be 0
                         (or image_features (B, N_max, 196, 768) when the samples hold cached features)
         image_counts    LongTensor (B,), how many images of pixel_values[b] are real
+        look_rows, look_keys  only when the samples carry them (attn_supervision.collate_looks)
     """
     B = len(batch)
     T = max(len(s["input_ids"]) for s in batch)
@@ -407,6 +409,8 @@ def collate_vlm(batch, pad_id=0):
         out["attention_mask"][b, :t] = 1
         out[key][b, :n] = s[key]
         out["image_counts"][b] = n
+    if "look_rows" in batch[0]:  # --attn-sup: where each answer-predicting position should attend
+        out["look_rows"], out["look_keys"] = collate_looks(batch, T)
     return out
 
 

@@ -124,6 +124,13 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     a("--questions-per-image", type=positive_int, default=1,
       help="with --data synthetic (SFT): questions about one image in one conversation, each answer trained "
            "(more supervision per image forward)")
+    if stage == "sft":
+        a("--attn-sup", type=float, default=None, metavar="WEIGHT",
+          help="attention supervision (with --data synthetic): add WEIGHT x (minus the log of the attention that "
+               "one head pays to the object each question is about) to the loss, at every position that predicts "
+               "an answer token; 0 = off (default: the preset's: tiny 1, else 0; see minivlm/attn_supervision.py)")
+        a("--attn-sup-layer", type=int, default=1, help="with --attn-sup: the decoder layer (0-based) of the supervised head")
+        a("--attn-sup-head", type=int, default=0, help="with --attn-sup: the supervised query head of that layer")
     a("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
       help="compute dtype (autocast); auto = bf16 on a GPU that supports it, else fp32")
     a("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
@@ -145,6 +152,12 @@ def resolve(stage: str, args) -> argparse.Namespace:
     for k, v in recipe.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    synthetic = args.data in ("synthetic", ["synthetic"])
+    if stage == "sft" and args.attn_sup is None:  # only the shapes world knows where each object is
+        args.attn_sup = 1.0 if args.preset == "tiny" and synthetic else 0.0
+    if getattr(args, "attn_sup", 0) and not synthetic:
+        raise UserError("--attn-sup needs --data synthetic: only the generated shapes world says where each "
+                        "object is (pass --attn-sup 0 for other data)")
     if args.vision_lr is None:
         args.vision_lr = args.lr
     if args.data is None:

@@ -32,7 +32,7 @@ from .common import UserError, atomic_write, is_main_process, print0
 from .weights import TORCH_LOAD_ERRORS
 
 CSV_FIELDS = ["epoch", "step", "total_steps", "loss", "lr", "samples_per_s", "tokens_per_s",
-              "elapsed_s", "eta_s", "peak_mem_mb"]
+              "elapsed_s", "eta_s", "peak_mem_mb", "attn_on_target"]
 
 # The flags that fix the data order and the step count (plus the process count, recorded as "world").
 RESUME_FLAGS = ("preset", "data", "images", "batch_size", "grad_accum", "epochs", "max_steps", "seed",

@@ -373,9 +373,9 @@ def example_rng(seed, split, index):
     return random.Random(f"minivlm-shapes/{seed}/{split}/{index}")
 
 
-def make_example(kind, seed, split, index, size=96):
-    """(images, samples) for example `index` of a split. "pretrain" and "sft"
-    draw the same scene and image for an index (as write_dataset does);
+def make_example(kind, seed, split, index, size=96, with_scenes=False):
+    """(images, samples) for example `index` of a split, and the scenes too with with_scenes=True.
+    "pretrain" and "sft" draw the same scene and image for an index (as write_dataset does);
     "multi" draws its own pair from a separate stream."""
     if kind == "multi":
         rng = example_rng(seed, split + "-pair", index)
@@ -384,5 +384,6 @@ def make_example(kind, seed, split, index, size=96):
         rng = example_rng(seed, split, index)
         scenes = [sample_scene(rng)]
     images = [render(s, size, rng) for s in scenes]
-    return images, conversations_for(kind, scenes, rng)
+    samples = conversations_for(kind, scenes, rng)
+    return (images, samples, scenes) if with_scenes else (images, samples)
 

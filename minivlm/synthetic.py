@@ -20,8 +20,10 @@ import time
 import torch
 from PIL import Image
 
+from minivlm.attn_supervision import look_rows, look_targets
 from minivlm.common import Progress
 from minivlm.data import make_sample
+from minivlm.prompt import IMAGE_MARKER
 from minivlm.shapes import (CELLS, COLOUR_NAMES, SHAPES, VERSION, caption, conversations_for, example_rng,
                             make_example, multi_turn, render, sample_scene)
 
@@ -156,10 +158,12 @@ class SyntheticVLMDataset(torch.utils.data.Dataset):
     question of a type of nonzero weight gets one of its questions at equal odds.
     questions_per_image (kind="sft"): that many questions about the image in one conversation, each
     answer trained (see shapes.multi_turn); 1 = one question per sample, like the files.
+    look=True adds "look_rows" and "look_keys" to each sample: where each answer's attention should go
+    (attn_supervision.py; training with --attn-sup).
     """
 
     def __init__(self, kind, length, seed, tokenizer, run_length, max_length, image_size=96,
-                 split="train", render_size=None, qtype_weights=None, questions_per_image=1):
+                 split="train", render_size=None, qtype_weights=None, questions_per_image=1, look=False):
         if kind not in ("pretrain", "sft", "multi"):
             raise ValueError(f"unknown kind {kind!r} (expected pretrain, sft or multi)")
         self.kind, self.length, self.seed, self.split = kind, length, seed, split
@@ -172,15 +176,22 @@ class SyntheticVLMDataset(torch.utils.data.Dataset):
         # would own most of the token-averaged loss and starve the short answers.
         self.qtype_weights = qtype_weights or {}
         self.questions_per_image = questions_per_image
+        self.look = look
 
     def __len__(self):
         return self.length
 
-    def example(self, idx):
-        """(images, sample dict) for index idx, before tokenization (handy for inspection)."""
+    def example(self, idx, with_scenes=False):
+        """(images, sample dict) for index idx, before tokenization (handy for inspection); with_scenes=True
+        adds the scenes they show."""
         if not 0 <= idx < self.length:
             raise IndexError(idx)
-        images, samples = make_example(self.kind, self.seed, self.split, idx + 1, self.render_size)
+        images, samples, scenes = make_example(self.kind, self.seed, self.split, idx + 1, self.render_size, True)
+        sample = self._pick(idx, samples)
+        return (images, sample, scenes) if with_scenes else (images, sample)
+
+    def _pick(self, idx, samples):
+        """sft: questions_per_image of the scene's questions, drawn by qtype_weights, in one conversation."""
         if len(samples) > 1:  # sft: some of the questions; a fresh stream keeps the choice independent
             rng = example_rng(self.seed, self.split + "-pick", idx + 1)
             weights = [self.qtype_weights.get(s["qtype"], 1.0) for s in samples]
@@ -191,13 +202,19 @@ class SyntheticVLMDataset(torch.utils.data.Dataset):
                 i = rng.choices(range(len(samples)), weights)[0]
                 picked.append(samples[i])
                 weights[i] = 0.0
-            return images, multi_turn(picked)
-        return images, samples[0]
+            return multi_turn(picked)
+        return samples[0]
 
     def __getitem__(self, idx):
-        images, sample = self.example(idx)
-        return make_sample(sample["conversations"], images, self.tokenizer, self.run_length,
-                           self.max_length, self.image_size)
+        images, sample, scenes = self.example(idx, with_scenes=True)
+        out = make_sample(sample["conversations"], images, self.tokenizer, self.run_length,
+                          self.max_length, self.image_size)
+        if self.look:
+            questions = [m["content"].replace(IMAGE_MARKER, "") for m in sample["conversations"] if m["role"] == "user"]
+            out["look_rows"], out["look_keys"] = look_rows(
+                out["input_ids"], out["labels"], [look_targets(q, scenes) for q in questions],
+                self.tokenizer.placeholder_id, self.run_length, self.tokenizer.eos_id)
+        return out
 
 
 # -----------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import ConcatDataset, DataLoader, Sampler
 
+from .attn_supervision import AttentionTap, look_loss
 from .checkpoint import check_tokenizer, load_lm_weights, load_vlm, read_meta
 from .common import (Progress, UserError, autocast, fmt_time, grad_scaler, one_line, peak_memory_mb,
                      print0, resolve_device, resolve_dtype)
@@ -200,8 +201,10 @@ def build_dataset(stage, args, tokenizer, cfg):
     paths = args.data if isinstance(args.data, (list, tuple)) else [args.data]
     if paths == ["synthetic"]:
         from .synthetic import SyntheticVLMDataset
+        look = getattr(args, "attn_sup", 0) > 0  # each sample also says where its answers' attention should go
         make = lambda kind, n, **kw: SyntheticVLMDataset(kind, n, args.seed, tokenizer, cfg.run_length,
-                                                         args.max_length, image_size=cfg.vision.image_size, **kw)
+                                                         args.max_length, image_size=cfg.vision.image_size,
+                                                         look=look, **kw)
         n = args.synthetic_samples
         if stage == "pretrain":
             return make("pretrain", n)
@@ -248,6 +251,21 @@ def build_loader(args, dataset, env: Setup, pad_id: int):
     return sampler, loader, steps_per_epoch, total_steps
 
 
+def attention_tap(args, model):
+    """--attn-sup: an AttentionTap on the supervised layer (checked against the model), else None."""
+    if not getattr(args, "attn_sup", 0):
+        return None
+    cfg = model.config
+    if not 0 <= args.attn_sup_layer < cfg.num_hidden_layers:
+        raise UserError(f"--attn-sup-layer {args.attn_sup_layer}: the decoder has layers 0..{cfg.num_hidden_layers - 1}")
+    if not 0 <= args.attn_sup_head < cfg.num_attention_heads:
+        raise UserError(f"--attn-sup-head {args.attn_sup_head}: the layer has heads 0..{cfg.num_attention_heads - 1}")
+    if args.compile:
+        raise UserError("--attn-sup does not combine with --compile (its hook would sit inside the compiled graph)")
+    print0(f"attention supervision: head {args.attn_sup_head} of layer {args.attn_sup_layer}, weight {args.attn_sup}")
+    return AttentionTap(model.model.layers[args.attn_sup_layer].self_attn)
+
+
 def wrap_model(args, model, env: Setup):
     """The module the loop calls: compiled and/or wrapped in DDP; `model` itself is what gets saved."""
     train_model = model.compile_decoder() if args.compile else model  # the splice stays eager: no graph breaks
@@ -268,21 +286,24 @@ class Meter:
     loss: torch.Tensor
     tokens: torch.Tensor
     nonfinite: torch.Tensor
+    on_target: torch.Tensor  # --attn-sup: the supervised head's attention on its target, summed over micro-batches
     samples: int = 0
+    micro_batches: int = 0
 
     @classmethod
     def on(cls, device) -> "Meter":
         return cls(torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long),
-                   torch.zeros((), device=device, dtype=torch.bool))
+                   torch.zeros((), device=device, dtype=torch.bool), torch.zeros((), device=device))
 
     def reset(self):
         self.loss.zero_()
         self.tokens.zero_()
-        self.samples = 0
+        self.on_target.zero_()
+        self.samples = self.micro_batches = 0
 
 
-def train_step(args, env: Setup, train_model, model, optimizer, scaler, batches, meter: Meter):
-    """One optimizer step over --grad-accum micro-batches."""
+def train_step(args, env: Setup, train_model, model, optimizer, scaler, batches, meter: Meter, tap=None):
+    """One optimizer step over --grad-accum micro-batches. tap: --attn-sup's AttentionTap, else None."""
     for micro in range(args.grad_accum):
         batch = {k: v.to(env.device, non_blocking=True) for k, v in next(batches).items()}
         # No attention_mask: padding is on the right, so causal attention alone keeps real tokens
@@ -293,9 +314,15 @@ def train_step(args, env: Setup, train_model, model, optimizer, scaler, batches,
             # With --features the batch holds the tower's cached output instead of pixel_values.
             out = train_model(batch["input_ids"], batch.get("pixel_values"), labels=batch["labels"],
                               image_counts=batch["image_counts"], image_features=batch.get("image_features"))
-            loss = out.loss / args.grad_accum
+            loss = out.loss
+            if tap is not None and len(batch["look_rows"]):
+                look, on_target = look_loss(tap, batch["look_rows"], batch["look_keys"], args.attn_sup_head)
+                loss = loss + args.attn_sup * look
+                meter.on_target += on_target.detach()
+                meter.micro_batches += 1
+            loss = loss / args.grad_accum
         scaler.scale(loss).backward()
-        meter.loss += loss.detach()
+        meter.loss += out.loss.detach() / args.grad_accum  # the log shows the language-model loss alone
         meter.nonfinite |= ~torch.isfinite(loss.detach())
         meter.tokens += batch["attention_mask"].sum()
         meter.samples += batch["input_ids"].shape[0] * env.world
@@ -314,10 +341,12 @@ def log_step(args, env: Setup, paths: Paths, meter: Meter, progress: Progress, e
     row = dict(epoch=epoch + 1, step=step, total_steps=progress.total, loss=round(mean_loss, 4),
                lr=f"{lr:.3g}", samples_per_s=round(meter.samples / dt, 1),
                tokens_per_s=round(meter.tokens.item() * env.world / dt, 1), elapsed_s=round(progress.elapsed(), 1),
-               eta_s=round(eta, 1), peak_mem_mb=round(peak_memory_mb(env.device), 1))
+               eta_s=round(eta, 1), peak_mem_mb=round(peak_memory_mb(env.device), 1),
+               attn_on_target=round(meter.on_target.item() / meter.micro_batches, 3) if meter.micro_batches else "")
     print0(f"epoch {row['epoch']} step {step}/{progress.total} loss {mean_loss:.4f} lr {row['lr']} "
            f"{row['samples_per_s']:.1f} samples/s {row['tokens_per_s']:.0f} tok/s "
-           f"elapsed {fmt_time(progress.elapsed())} ETA {fmt_time(eta)} peak {row['peak_mem_mb']:.0f} MB")
+           f"elapsed {fmt_time(progress.elapsed())} ETA {fmt_time(eta)} peak {row['peak_mem_mb']:.0f} MB"
+           + (f" attention on target {row['attn_on_target']:.2f}" if meter.micro_batches else ""))
     if env.rank == 0:
         with open(paths.csv, "a", newline="") as f:
             csv.DictWriter(f, CSV_FIELDS).writerow(row)
@@ -378,6 +407,7 @@ def run(stage: str, args) -> int:
     optimizer = make_optimizer(model, args.lr, args.weight_decay, args.vision_lr, fused=env.device.type == "cuda")
     scaler = grad_scaler(env.device, env.dtype)
     train_model = wrap_model(args, model, env)
+    tap = attention_tap(args, model)
 
     paths = Paths.of(args.out, stage, cfg)
     step = 0
@@ -392,7 +422,7 @@ def run(stage: str, args) -> int:
 
     sv = Saver(stage, args, paths, env.world, question_first(dataset), tokenizer.vocab_size)
     with StopRequest() as stop:
-        code = train_loop(args, env, sv, (train_model, model, optimizer, scaler), (sampler, loader),
+        code = train_loop(args, env, sv, (train_model, model, optimizer, scaler, tap), (sampler, loader),
                           steps_per_epoch, total_steps, step, stop)
     if code == 0 and (line := data_summary(dataset)):  # None for synthetic data; under torchrun, rank 0's
         print0(f"data: {line}")
@@ -407,7 +437,7 @@ def run(stage: str, args) -> int:
 def train_loop(args, env: Setup, sv: Saver, training, data, steps_per_epoch, total_steps, step, stop) -> int:
     """Steps from `step` to `total_steps`; 0 when done, 1 on a non-finite loss, 128 + signal number
     when Ctrl-C / SIGTERM stopped it (after saving a resume point)."""
-    train_model, model, optimizer, scaler = training
+    train_model, model, optimizer, scaler, tap = training
     sampler, loader = data
     model.train()
     progress, meter = Progress(total_steps, sv.stage, start=step), Meter.on(env.device)
@@ -422,7 +452,7 @@ def train_loop(args, env: Setup, sv: Saver, training, data, steps_per_epoch, tot
             batches = iter(loader)
         factor = lr_factor(step, total_steps, args.warmup_steps, args.min_lr_ratio)
         set_lr(optimizer, factor)
-        train_step(args, env, train_model, model, optimizer, scaler, batches, meter)
+        train_step(args, env, train_model, model, optimizer, scaler, batches, meter, tap)
         step += 1
 
         at_log = step % args.log_every == 0 or step == total_steps
