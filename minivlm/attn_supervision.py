@@ -11,9 +11,10 @@ extra loss, minus the log of the attention it pays to the image tokens of the ob
     loss_look = -log  sum_{j in target}  softmax_j(q_pos . k_j / sqrt(hd))
 
 For "Is there …?" with the answer "no" the target is the sequence's first token (`<|im_start|>`, a
-"nothing here" slot). Only training sees this: at test time the head has to find the object alone, and
-scoring measures exactly that. (The idea is an old one in VQA, e.g. "Human Attention in Visual Question
-Answering", Das et al. 2016, and HINT, Selvaraju et al. 2019.)
+"nothing here" slot); for "What does the first image have that the second does not?", the missing object
+and its empty place in the second image (look_targets says why). Only training sees this: at test time the
+head has to find the object alone, and scoring measures exactly that. (The idea is an old one in VQA, e.g.
+"Human Attention in Visual Question Answering", Das et al. 2016, and HINT, Selvaraju et al. 2019.)
 
     look_targets(question, scenes)    which (image, cell) pairs a question is about (shapes world only)
     look_rows(...)                    -> for one tokenized sample: answer-predicting positions, their target keys
@@ -43,8 +44,10 @@ def look_targets(question: str, scenes: list):
     The questions come from shapes.questions(), whose few fixed phrasings are matched here."""
     question = question.strip()
     if question == DIFF_QUESTION:
-        # The object of the first image that the second lacks, or the now empty place in the second image:
-        # a causal decoder can only compare the images there (a token of the second image sees the first).
+        # The missing object in the first image, or its now empty place in the second: in a causal decoder
+        # only a token of the second image can see the first, so only there can "something was here" be
+        # computed. (Measured, README "Round six": the second image alone made diff perfect but left the head
+        # unable to select by colour.)
         first, second = scenes
         return [(i, o.cell) for o in first.objects if o not in second.objects for i in (0, 1)]
     objects = scenes[0].objects

@@ -17,15 +17,17 @@ from .common import UserError, positive_int
 # projector in pretraining, ~2e-5 in SFT, batch 16, max length 640 / 1536). "tiny": the offline CPU recipe.
 RECIPES = {
     ("pretrain", "real"): dict(lr=4e-4, batch_size=16, epochs=4, max_length=640, train_lm_layers=0,
-                               warmup_steps=0, train_vision=False),
+                               warmup_steps=0, train_vision=False, questions_per_image=1, multi_fraction=0.125),
     ("sft", "real"): dict(lr=2e-5, batch_size=16, epochs=2, max_length=1536, train_lm_layers=-1,
-                          warmup_steps=0, train_vision=False),
+                          warmup_steps=0, train_vision=False, questions_per_image=1, multi_fraction=0.125),
     ("pretrain", "tiny"): dict(lr=2e-3, batch_size=32, epochs=1, max_length=128, train_lm_layers=-1,
                                warmup_steps=100, train_vision=True, vision_lr=5e-4, data="synthetic",
-                               max_steps=1200, synthetic_samples=1_000_000),
+                               max_steps=1200, synthetic_samples=1_000_000, questions_per_image=1,
+                               multi_fraction=0.125),
     ("sft", "tiny"): dict(lr=1e-3, batch_size=32, epochs=1, max_length=160, train_lm_layers=-1,
                           warmup_steps=50, train_vision=True, vision_lr=3e-4, data="synthetic",
-                          max_steps=1500, synthetic_samples=1_000_000),
+                          max_steps=3500, synthetic_samples=1_000_000, questions_per_image=4,
+                          multi_fraction=0.2),
 }
 
 
@@ -119,11 +121,12 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     a("--qtype-weights", type=qtype_weights, default="", metavar="TYPE=W,...",
       help="with --data synthetic (SFT): odds of other question types relative to the rest (default 1 each), "
            "e.g. colour=2,position=2,exists=2,count=0.5 (describe: --describe-weight)")
-    a("--multi-fraction", type=fraction, default=0.125,
-      help="with --data synthetic (SFT): the share of samples that ask about two images (0 = none)")
-    a("--questions-per-image", type=positive_int, default=1,
+    a("--multi-fraction", type=fraction, default=None,
+      help="with --data synthetic (SFT): the share of samples that ask about two images (0 = none; default: "
+           "the preset's: tiny 0.2, else 0.125)")
+    a("--questions-per-image", type=positive_int, default=None,
       help="with --data synthetic (SFT): questions about one image in one conversation, each answer trained "
-           "(more supervision per image forward)")
+           "(more supervision per image forward; default: the preset's: tiny 4, else 1)")
     if stage == "sft":
         a("--attn-sup", type=float, default=None, metavar="WEIGHT",
           help="attention supervision (with --data synthetic): add WEIGHT x (minus the log of the attention that "

@@ -208,7 +208,7 @@ def build_dataset(stage, args, tokenizer, cfg):
         n = args.synthetic_samples
         if stage == "pretrain":
             return make("pretrain", n)
-        n_multi = int(n * args.multi_fraction)  # 1 in 8 ask about two images; captions are rarer (long answers)
+        n_multi = int(n * args.multi_fraction)  # this share asks about two images (tiny: 1 in 5, else 1 in 8)
         weights = {**parse_qtype_weights(args.qtype_weights), "describe": args.describe_weight}
         sft = make("sft", n - n_multi, qtype_weights=weights, questions_per_image=args.questions_per_image)
         return ConcatDataset([sft, make("multi", n_multi)])
