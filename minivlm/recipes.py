@@ -158,6 +158,8 @@ def resolve(stage: str, args) -> argparse.Namespace:
     synthetic = args.data in ("synthetic", ["synthetic"])
     if stage == "sft" and args.attn_sup is None:  # only the shapes world knows where each object is
         args.attn_sup = 1.0 if args.preset == "tiny" and synthetic else 0.0
+    if getattr(args, "attn_sup", 0) < 0:
+        raise UserError(f"--attn-sup {args.attn_sup}: a weight cannot be negative (0 = off)")
     if getattr(args, "attn_sup", 0) and not synthetic:
         raise UserError("--attn-sup needs --data synthetic: only the generated shapes world says where each "
                         "object is (pass --attn-sup 0 for other data)")

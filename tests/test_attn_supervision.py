@@ -130,6 +130,8 @@ def test_attn_sup_refuses_what_it_cannot_do(shapes_dir, shapes_tokenizer_path, t
     assert main("sft", common + ["--data", str(shapes_dir / "sft.jsonl"), "--attn-sup", "1"]) == 2
     assert "--attn-sup needs --data synthetic" in capsys.readouterr().out
     assert main("sft", common + ["--data", str(shapes_dir / "sft.jsonl")]) == 0  # off by default on files
+    assert main("sft", common + ["--data", "synthetic", "--attn-sup", "-1"]) == 2
+    assert "--attn-sup -1.0: a weight cannot be negative" in capsys.readouterr().out
     assert main("sft", common + ["--data", "synthetic", "--attn-sup-layer", "4"]) == 2
     assert "--attn-sup-layer 4: the decoder has layers 0..3" in capsys.readouterr().out
     assert main("sft", common + ["--data", "synthetic", "--attn-sup-head", "-1"]) == 2
