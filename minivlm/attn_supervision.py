@@ -33,6 +33,7 @@ import torch
 from .lm import apply_rope
 from .prompt import IGNORE_INDEX
 from .shapes import DIFF_QUESTION
+from .vlm import find_image_runs
 
 SINK = "sink"  # the target of a question about nothing that is there: the sequence's first token
 
@@ -79,8 +80,7 @@ def look_rows(input_ids, labels, targets, placeholder_id: int, run_length: int, 
 
     targets: one entry per question of the conversation, in order (look_targets' result)."""
     grid = math.isqrt(run_length)
-    ph = (input_ids == placeholder_id).nonzero().flatten().tolist()
-    image_starts = [p for i, p in enumerate(ph) if i % run_length == 0]  # runs are whole (data.py checks)
+    image_starts = find_image_runs(input_ids[None], placeholder_id, run_length)[0].nonzero().flatten().tolist()
     runs = []  # [first, end) of each stretch of trained labels: one per answer
     for t in (labels != IGNORE_INDEX).nonzero().flatten().tolist():
         if runs and runs[-1][1] == t:
