@@ -13,7 +13,7 @@ Run with --help for every flag.
 
 import sys
 
-from minivlm.inference import main
+from minivlm.infer.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

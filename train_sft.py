@@ -1,7 +1,7 @@
 """Stage 2 — instruction-tune projector + decoder (CLIP frozen unless --train-vision). `python train_sft.py --help`."""
 import sys
 
-from minivlm.train import main
+from minivlm.train.loop import main
 
 if __name__ == "__main__":
     sys.exit(main("sft"))

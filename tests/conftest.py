@@ -1,8 +1,8 @@
 """Shared fixtures: a small synthetic shapes dataset written to disk and a tokenizer trained on it."""
 import pytest
 
-from minivlm.synthetic import write_dataset
-from minivlm.tokenizer import train_tokenizer
+from minivlm.synthetic.dataset import write_dataset
+from minivlm.data.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +23,7 @@ def shapes_tokenizer_path(shapes_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_run(shapes_dir, shapes_tokenizer_path, tmp_path_factory):
     """A tiny VLM trained for a few steps: a real checkpoint folder (weights, JSON, vision, tokenizer)."""
-    from minivlm.train import main
+    from minivlm.train.loop import main
     out = tmp_path_factory.mktemp("run")
     args = ["--preset", "tiny", "--data", str(shapes_dir / "pretrain.jsonl"), "--tokenizer", str(shapes_tokenizer_path),
             "--out", str(out), "--batch-size", "4", "--num-workers", "0", "--max-steps", "2", "--log-every", "1"]

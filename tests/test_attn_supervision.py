@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from minivlm.attn_supervision import SINK, AttentionTap, cell_tokens, look_loss, look_targets
-from minivlm.config import VLMConfig, lm_26m, vlm_preset
-from minivlm.data import collate_vlm
-from minivlm.shapes import COLOURS, DIFF_QUESTION, Obj, Scene, render
-from minivlm.synthetic import SyntheticVLMDataset
-from minivlm.tokenizer import Tokenizer
-from minivlm.train import main
-from minivlm.vlm import MiniMindVLM
+from minivlm.synthetic.attention import SINK, AttentionTap, cell_tokens, look_loss, look_targets
+from minivlm.model.config import VLMConfig, lm_26m, vlm_preset
+from minivlm.data.dataset import collate_vlm
+from minivlm.synthetic.world import COLOURS, DIFF_QUESTION, Obj, Scene, render
+from minivlm.synthetic.dataset import SyntheticVLMDataset
+from minivlm.data.tokenizer import Tokenizer
+from minivlm.train.loop import main
+from minivlm.model.vlm import MiniMindVLM
 
 SCENE = Scene([Obj("star", "red", "large", 0), Obj("circle", "blue", "small", 4), Obj("circle", "green", "large", 8)])
 

@@ -7,9 +7,10 @@ import types
 
 import torch
 
-from minivlm import baselines, bench, flops
-from minivlm.config import vlm_preset
-from minivlm.vlm import MiniMindVLM
+from minivlm.bench import baselines, flops
+from minivlm.bench import suite as bench
+from minivlm.model.config import vlm_preset
+from minivlm.model.vlm import MiniMindVLM
 
 
 def _positive(x):

@@ -4,11 +4,11 @@ import os
 import pytest
 import torch
 
-from minivlm.checkpoint import convert_2025_02, load_vlm, save_vlm
-from minivlm.config import LMConfig, VisionConfig, VLMConfig
-from minivlm.vision import CLIPVisionModel
-from minivlm.vlm import MiniMindVLM
-from minivlm.weights import WeightsError, read_safetensors, write_safetensors
+from minivlm.model.checkpoint import convert_2025_02, load_vlm, save_vlm
+from minivlm.model.config import LMConfig, VisionConfig, VLMConfig
+from minivlm.model.vision import CLIPVisionModel
+from minivlm.model.vlm import MiniMindVLM
+from minivlm.model.weights import WeightsError, read_safetensors, write_safetensors
 
 
 def cfg(**lm):
@@ -231,7 +231,7 @@ def test_load_vlm_in_bf16_without_random_init(tmp_path, init_calls):
 
 @pytest.mark.parametrize("moe", [False, True])
 def test_fused_projections_keep_checkpoint_keys_and_answers(tmp_path, moe):
-    from minivlm.generate import SamplingConfig, generate
+    from minivlm.infer.generate import SamplingConfig, generate
     torch.manual_seed(0)
     m = MiniMindVLM(cfg(use_moe=moe), placeholder_id=34).eval()
     ids, px = torch.tensor([[1, 34, 34, 34, 34, 5, 6]]), torch.randn(1, 1, 3, 32, 32)

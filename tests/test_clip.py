@@ -10,13 +10,13 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
-from minivlm import shapes
-from minivlm.clip import (CLIPModel, CLIPTextModel, CLIPTokenizer, TextConfig, clip_loss, encode_texts,
+from minivlm.synthetic import world as shapes
+from minivlm.clip.model import (CLIPModel, CLIPTextModel, CLIPTokenizer, TextConfig, clip_loss, encode_texts,
                           load_clip_tokenizer, zero_shot)
-from minivlm.clip_train import evaluate, format_eval, main, sample_batch
-from minivlm.tokenizer import Tokenizer
-from minivlm.vision import CLIPVisionModel
-from minivlm.weights import WeightsError, read_safetensors, write_safetensors
+from minivlm.clip.train import evaluate, format_eval, main, sample_batch
+from minivlm.data.tokenizer import Tokenizer
+from minivlm.model.vision import CLIPVisionModel
+from minivlm.model.weights import WeightsError, read_safetensors, write_safetensors
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 CLIP_DIR = os.path.join(FIX, "clip_tiny")

@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from minivlm.data import (DataError, SampleTooLong, VLMDataset, collate_vlm, encode_conversation,
+from minivlm.data.dataset import (DataError, SampleTooLong, VLMDataset, collate_vlm, encode_conversation,
                           make_sample)
-from minivlm.processing import preprocess_image
-from minivlm.prompt import expand_images, render_chat
-from minivlm.tokenizer import train_tokenizer
+from minivlm.data.processing import preprocess_image
+from minivlm.data.prompt import expand_images, render_chat
+from minivlm.data.tokenizer import train_tokenizer
 
 RUN, SIZE = 4, 16  # short placeholder runs and tiny images keep the tests fast
 

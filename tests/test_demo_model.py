@@ -5,11 +5,11 @@ README "Round five") >= 90 % on its own. On this set the shipped model scores 10
 
 import pytest
 
-from minivlm.checkpoint import load_vlm, read_meta
-from minivlm.evaluate import evaluate
-from minivlm.inference import DEMO_WEIGHTS
-from minivlm.synthetic import write_dataset
-from minivlm.tokenizer import Tokenizer
+from minivlm.model.checkpoint import load_vlm, read_meta
+from minivlm.infer.evaluate import evaluate
+from minivlm.infer.cli import DEMO_WEIGHTS
+from minivlm.synthetic.dataset import write_dataset
+from minivlm.data.tokenizer import Tokenizer
 
 SEED = 31337  # held out: the demo model was trained on seed 0's scenes
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from minivlm.inference import main
+from minivlm.infer.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = os.path.join(ROOT, "minivlm", "demo", "samples")
@@ -114,7 +114,7 @@ def test_question_first_puts_the_image_after_the_prompt(capsys, ckpt, shapes_dir
 
 
 def test_user_turn_places_images():
-    from minivlm.prompt import PromptError, user_turn
+    from minivlm.data.prompt import PromptError, user_turn
     assert user_turn("Q?", 2) == "<image>\n<image>\nQ?"
     assert user_turn("Q?", 2, question_first=True) == "Q?\n<image>\n<image>"
     assert user_turn("Q?", 0, question_first=True) == "Q?"

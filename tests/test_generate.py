@@ -7,14 +7,14 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from minivlm.config import LMConfig, VisionConfig, VLMConfig
-from minivlm.generate import (SamplingConfig, answer, answer_batch, generate, left_pad, sample_next, stream,
+from minivlm.model.config import LMConfig, VisionConfig, VLMConfig
+from minivlm.infer.generate import (SamplingConfig, answer, answer_batch, generate, left_pad, sample_next, stream,
                               top_p_filter)
-from minivlm.lm import KVCache, LMOutput, MiniMindLM
-from minivlm.processing import preprocess_image
-from minivlm.prompt import chat_prompt, expand_images, render_chat
-from minivlm.tokenizer import train_tokenizer
-from minivlm.vlm import MiniMindVLM
+from minivlm.model.lm import KVCache, LMOutput, MiniMindLM
+from minivlm.data.processing import preprocess_image
+from minivlm.data.prompt import chat_prompt, expand_images, render_chat
+from minivlm.data.tokenizer import train_tokenizer
+from minivlm.model.vlm import MiniMindVLM
 
 SIZE = 32  # 32 px images, 16 px patches -> runs of 4 placeholders
 

@@ -5,11 +5,11 @@ import os
 import pytest
 import torch
 
-from minivlm.config import LMConfig
-from minivlm.lm import MiniMindLM
-from minivlm.processing import preprocess_image
-from minivlm.vision import CLIPVisionModel
-from minivlm.weights import WeightsError, read_safetensors, write_safetensors
+from minivlm.model.config import LMConfig
+from minivlm.model.lm import MiniMindLM
+from minivlm.data.processing import preprocess_image
+from minivlm.model.vision import CLIPVisionModel
+from minivlm.model.weights import WeightsError, read_safetensors, write_safetensors
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 

@@ -5,10 +5,10 @@ import dataclasses
 import pytest
 import torch
 
-from minivlm import grow
-from minivlm.checkpoint import load_with_tokenizer
-from minivlm.config import VLMConfig, lm_tiny, vision_tiny
-from minivlm.vlm import MiniMindVLM
+from minivlm.lab import grow
+from minivlm.model.checkpoint import load_with_tokenizer
+from minivlm.model.config import VLMConfig, lm_tiny, vision_tiny
+from minivlm.model.vlm import MiniMindVLM
 
 
 def tiny_vlm(**lm):
@@ -59,10 +59,10 @@ def test_new_blocks_learn_from_the_first_step():
 
 
 def test_grow_command_on_the_demo_model(tmp_path, capsys):
-    from minivlm.inference import DEMO_WEIGHTS
-    from minivlm.generate import encode_batch
-    from minivlm.prompt import user_turn
-    from minivlm.shapes import render, sample_scene
+    from minivlm.infer.cli import DEMO_WEIGHTS
+    from minivlm.infer.generate import encode_batch
+    from minivlm.data.prompt import user_turn
+    from minivlm.synthetic.world import render, sample_scene
     import random
     assert grow.main(["--weights", DEMO_WEIGHTS, "--out", str(tmp_path), "--add-layers", "1"]) == 0
     assert "decoder blocks" in capsys.readouterr().out
@@ -80,7 +80,7 @@ def test_grow_command_on_the_demo_model(tmp_path, capsys):
 
 
 def test_grow_command_errors(tmp_path, capsys):
-    from minivlm.inference import DEMO_WEIGHTS
+    from minivlm.infer.cli import DEMO_WEIGHTS
     assert grow.main(["--weights", str(tmp_path / "none.pth"), "--out", str(tmp_path)]) == 2
     assert "no such file" in capsys.readouterr().err
     assert grow.main(["--weights", DEMO_WEIGHTS, "--out", str(tmp_path), "--at", "99"]) == 2

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minivlm.config import LMConfig, lm_104m, lm_26m, lm_26m_moe, vlm_preset
-from minivlm.lm import KVCache, MiniMindLM, apply_rope, rope_tables
+from minivlm.model.config import LMConfig, lm_104m, lm_26m, lm_26m_moe, vlm_preset
+from minivlm.model.lm import KVCache, MiniMindLM, apply_rope, rope_tables
 
 
 def tiny(**kw):
@@ -211,7 +211,7 @@ def test_moe_aux_loss_reaches_model_loss():
 
 
 def test_vlm_trainable_capable_parameter_count():
-    from minivlm.vlm import MiniMindVLM
+    from minivlm.model.vlm import MiniMindVLM
     cfg = vlm_preset("26m")
     cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, num_hidden_layers=1))
     m = MiniMindVLM(cfg)

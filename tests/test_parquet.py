@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from minivlm.data import DataError, VLMDataset, collate_vlm, data_summary
-from minivlm.parquet import ParquetVLMDataset, grouped_order
-from minivlm.processing import preprocess_image
-from minivlm.tokenizer import train_tokenizer
+from minivlm.data.dataset import DataError, VLMDataset, collate_vlm, data_summary
+from minivlm.data.parquet import ParquetVLMDataset, grouped_order
+from minivlm.data.processing import preprocess_image
+from minivlm.data.tokenizer import train_tokenizer
 
 RUN, SIZE = 4, 16  # short placeholder runs and tiny images keep the tests fast
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n"
@@ -247,7 +247,7 @@ def shapes_parquet(shapes_dir, jsonl, out, text_only_every=3):
 
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_train_both_stages_from_parquet(shapes_dir, shapes_tokenizer_path, tmp_path, capsys, workers):
-    from minivlm.train import main
+    from minivlm.train.loop import main
     out = tmp_path / "run"
     common = ["--preset", "tiny", "--tokenizer", str(shapes_tokenizer_path), "--out", str(out), "--batch-size", "4",
               "--num-workers", workers, "--log-every", "1", "--max-length", "128", "--max-steps", "3"]
@@ -261,8 +261,8 @@ def test_train_both_stages_from_parquet(shapes_dir, shapes_tokenizer_path, tmp_p
 
 
 def test_synthetic_parquet_gives_the_samples_of_the_jsonl_files(shapes_dir, shapes_tokenizer_path, tmp_path):
-    from minivlm.synthetic import write_dataset
-    from minivlm.tokenizer import Tokenizer
+    from minivlm.synthetic.dataset import write_dataset
+    from minivlm.data.tokenizer import Tokenizer
     write_dataset(tmp_path, n_train=48, n_test=16, seed=0, format="parquet")  # as conftest's shapes_dir
     assert not list((tmp_path / "images").glob("train_*")) and (tmp_path / "test_sft.jsonl").exists()
     tok = Tokenizer.from_file(shapes_tokenizer_path)
@@ -281,7 +281,7 @@ def test_synthetic_parquet_gives_the_samples_of_the_jsonl_files(shapes_dir, shap
 
 
 def test_data_stats_and_preview(tok, fixture_file, tmp_path, capsys):
-    from minivlm.datatool import main
+    from minivlm.data.tool import main
     tok.save(tmp_path / "tok")
     assert main(["stats", fixture_file, "--tokenizer", str(tmp_path / "tok"), "--run-length", str(RUN),
                  "--max-length", "30"]) == 0
@@ -295,8 +295,8 @@ def test_data_stats_and_preview(tok, fixture_file, tmp_path, capsys):
 
 
 def test_a_batch_of_text_only_samples_trains(tok, fixture_file):
-    from minivlm.config import vlm_preset
-    from minivlm.vlm import MiniMindVLM
+    from minivlm.model.config import vlm_preset
+    from minivlm.model.vlm import MiniMindVLM
     cfg = vlm_preset("tiny")
     cfg.lm.vocab_size, cfg.placeholder_id = tok.vocab_size, tok.placeholder_id
     model = MiniMindVLM(cfg)
@@ -310,9 +310,9 @@ def test_a_batch_of_text_only_samples_trains(tok, fixture_file):
 
 
 def test_large_row_groups_warn_and_repack_fixes_them(tok, tmp_path, monkeypatch):
-    import minivlm.parquet
-    from minivlm.datatool import main
-    monkeypatch.setattr(minivlm.parquet, "MAX_GROUP_ROWS", 4)
+    import minivlm.data.parquet
+    from minivlm.data.tool import main
+    monkeypatch.setattr(minivlm.data.parquet, "MAX_GROUP_ROWS", 4)
     big = write_parquet(tmp_path / "big.parquet", FIXTURE_ROWS * 2, row_group_size=10)
     with pytest.warns(UserWarning, match="row groups of up to 10 rows.*minivlm.data repack"):
         before = dataset(big, tok)

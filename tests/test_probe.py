@@ -2,7 +2,7 @@
 
 import torch
 
-from minivlm import probe
+from minivlm.lab import probe
 
 
 def test_linear_probe_reads_a_linearly_coded_label_and_not_noise():
@@ -27,10 +27,10 @@ def test_probe_runs_on_the_demo_model(capsys):
 
 def test_text_lookup_samples_hold_the_caption_the_question_and_its_answer():
     import random
-    from minivlm.checkpoint import tokenizer_beside
-    from minivlm.inference import DEMO_WEIGHTS
-    from minivlm.shapes import CELLS, COLOUR_NAMES, SHAPES
-    from minivlm.tokenizer import Tokenizer
+    from minivlm.model.checkpoint import tokenizer_beside
+    from minivlm.infer.cli import DEMO_WEIGHTS
+    from minivlm.synthetic.world import CELLS, COLOUR_NAMES, SHAPES
+    from minivlm.data.tokenizer import Tokenizer
     tok = Tokenizer.from_file(tokenizer_beside(DEMO_WEIGHTS))
     valid = {"colour": set(COLOUR_NAMES), "shape": set(SHAPES), "position": set(CELLS), "exists": {"yes", "no"}}
     rng = random.Random(0)
@@ -42,9 +42,9 @@ def test_text_lookup_samples_hold_the_caption_the_question_and_its_answer():
 
 
 def test_text_lookup_reports_every_type_for_one_and_several_objects():
-    from minivlm.checkpoint import tokenizer_beside
-    from minivlm.inference import DEMO_WEIGHTS
-    from minivlm.tokenizer import Tokenizer
+    from minivlm.model.checkpoint import tokenizer_beside
+    from minivlm.infer.cli import DEMO_WEIGHTS
+    from minivlm.data.tokenizer import Tokenizer
     tok = Tokenizer.from_file(tokenizer_beside(DEMO_WEIGHTS))
     curve = list(probe.text_lookup(tok, steps=4, seed=0, every=2))
     assert [step for step, _, _ in curve] == [2, 4]

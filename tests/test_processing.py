@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from minivlm.processing import CLIP_MEAN, CLIP_STD, ImageLoadError, load_image, preprocess_image, to_rgb
+from minivlm.data.processing import CLIP_MEAN, CLIP_STD, ImageLoadError, load_image, preprocess_image, to_rgb
 
 
 def unnormalise(x):

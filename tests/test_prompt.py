@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
-from minivlm.config import vlm_preset
-from minivlm.data import VLMDataset, encode_conversation
-from minivlm.evaluate import read_questions
-from minivlm.generate import encode_batch
-from minivlm.prompt import IGNORE_INDEX, PromptError, chat_prompt, user_turn
-from minivlm.tokenizer import Tokenizer
-from minivlm.vlm import MiniMindVLM
+from minivlm.model.config import vlm_preset
+from minivlm.data.dataset import VLMDataset, encode_conversation
+from minivlm.infer.evaluate import read_questions
+from minivlm.infer.generate import encode_batch
+from minivlm.data.prompt import IGNORE_INDEX, PromptError, chat_prompt, user_turn
+from minivlm.data.tokenizer import Tokenizer
+from minivlm.model.vlm import MiniMindVLM
 
 RUN = 36  # the tiny preset's run length: 6 x 6 patches
 

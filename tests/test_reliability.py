@@ -15,13 +15,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-import minivlm.processing as processing
-import minivlm.train as train
-from minivlm.checkpoint import check_tokenizer, load_vlm, sha256_of
-from minivlm.inference import main as eval_main
-from minivlm.processing import ImageLoadError, center_crop, load_image, preprocess_image, resize_and_crop
-from minivlm.processing import resize_shortest_side
-from minivlm.weights import WeightsError
+import minivlm.data.processing as processing
+import minivlm.train.loop as train
+from minivlm.model.checkpoint import check_tokenizer, load_vlm, sha256_of
+from minivlm.infer.cli import main as eval_main
+from minivlm.data.processing import ImageLoadError, center_crop, load_image, preprocess_image, resize_and_crop
+from minivlm.data.processing import resize_shortest_side
+from minivlm.model.weights import WeightsError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -238,7 +238,7 @@ def test_nan_weights_are_refused_naming_the_tensor(run_copy, capsys):
 
 
 def test_a_tokenizer_of_another_size_is_refused(tiny_run, shapes_tokenizer_path):
-    from minivlm.tokenizer import Tokenizer
+    from minivlm.data.tokenizer import Tokenizer
     tok = Tokenizer.from_file(shapes_tokenizer_path)
     meta = json.loads((tiny_run / "pretrain_vlm_128.json").read_text())
     assert meta["tokenizer_vocab_size"] == tok.vocab_size

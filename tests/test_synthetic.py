@@ -9,8 +9,9 @@ import re
 import numpy as np
 import pytest
 
-from minivlm import scoring, synthetic
-from minivlm import shapes as S
+from minivlm.synthetic import dataset as synthetic
+from minivlm.synthetic import scoring
+from minivlm.synthetic import world as S
 
 TOL = 30  # max per-channel distance for a pixel to count as "this palette colour"
 
@@ -315,8 +316,8 @@ def test_describe_attribute_score():
 
 def test_on_the_fly_matches_files(tmp_path):
     torch = pytest.importorskip("torch")
-    from minivlm.data import VLMDataset
-    from minivlm.tokenizer import train_tokenizer
+    from minivlm.data.dataset import VLMDataset
+    from minivlm.data.tokenizer import train_tokenizer
 
     synthetic.write_dataset(tmp_path, n_train=6, n_test=2, seed=5)
     tok = train_tokenizer([tmp_path / "pretrain.jsonl", tmp_path / "sft.jsonl"], vocab_size=400)
@@ -343,7 +344,7 @@ def test_question_first_follows_the_kind():
 
 
 def test_sft_qtype_weights_change_the_mix():
-    from minivlm.synthetic import SyntheticVLMDataset
+    from minivlm.synthetic.dataset import SyntheticVLMDataset
     plain = SyntheticVLMDataset("sft", 300, 0, None, 36, 160)
     rare = SyntheticVLMDataset("sft", 300, 0, None, 36, 160, qtype_weights={"describe": 0.0})
     assert sum(plain.example(i)[1]["qtype"] == "describe" for i in range(300)) > 20
@@ -356,7 +357,7 @@ def test_sft_qtype_weights_change_the_mix():
 
 def test_questions_per_image_asks_several_questions_in_one_conversation(tmp_path):
     torch = pytest.importorskip("torch")
-    from minivlm.tokenizer import train_tokenizer
+    from minivlm.data.tokenizer import train_tokenizer
 
     synthetic.write_dataset(tmp_path, n_train=6, n_test=0, seed=5)
     tok = train_tokenizer([tmp_path / "pretrain.jsonl", tmp_path / "sft.jsonl"], vocab_size=400)

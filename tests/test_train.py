@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from minivlm.checkpoint import load_vlm
-from minivlm.config import vlm_preset
-from minivlm.train import CSV_FIELDS, EpochSampler, main, set_trainable, trainable_counts
-from minivlm.vlm import MiniMindVLM
+from minivlm.model.checkpoint import load_vlm
+from minivlm.model.config import vlm_preset
+from minivlm.train.loop import CSV_FIELDS, EpochSampler, main, set_trainable, trainable_counts
+from minivlm.model.vlm import MiniMindVLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -208,8 +208,8 @@ def test_epoch_sampler_reads_parquet_row_groups_one_after_another():
 
 
 def test_fp32_feature_cache_trains_bit_for_bit_like_the_tower(shapes_dir, shapes_tokenizer_path, tmp_path, capsys):
-    from minivlm.features import main as features_main
-    from minivlm.vision import CLIPVisionModel
+    from minivlm.train.features import main as features_main
+    from minivlm.model.vision import CLIPVisionModel
     torch.manual_seed(0)
     vision, store = tmp_path / "clip", tmp_path / "feats"
     CLIPVisionModel(vlm_preset("tiny").vision).save_pretrained(vision)
@@ -247,7 +247,7 @@ def test_fp32_feature_cache_trains_bit_for_bit_like_the_tower(shapes_dir, shapes
 
 
 def test_length_grouping_is_a_deterministic_permutation_that_cuts_padding():
-    from minivlm.train import length_grouped
+    from minivlm.train.loop import length_grouped
     lengths = torch.randint(50, 1500, (1000,), generator=torch.Generator().manual_seed(0))
     s = EpochSampler(1000, seed=3, lengths=lengths, batch_size=8)
     order = s.indices()
@@ -304,12 +304,12 @@ def test_compiled_decoder_matches_eager_without_graph_breaks():
 
 
 def test_feature_store_of_a_parquet_file_serves_the_towers_output(shapes_dir, shapes_tokenizer_path, tmp_path):
-    from minivlm.data import VLMDataset
-    from minivlm.features import FeatureStore, attach, build_store
-    from minivlm.parquet import write_parquet
-    from minivlm.processing import load_image, preprocess_image
-    from minivlm.tokenizer import Tokenizer
-    from minivlm.vision import CLIPVisionModel
+    from minivlm.data.dataset import VLMDataset
+    from minivlm.train.features import FeatureStore, attach, build_store
+    from minivlm.data.parquet import write_parquet
+    from minivlm.data.processing import load_image, preprocess_image
+    from minivlm.data.tokenizer import Tokenizer
+    from minivlm.model.vision import CLIPVisionModel
     torch.manual_seed(0)
     CLIPVisionModel(vlm_preset("tiny").vision).save_pretrained(tmp_path / "clip")
     records = [json.loads(line) for line in open(shapes_dir / "pretrain.jsonl")][:6]
@@ -374,9 +374,9 @@ def test_untied_pretrain_then_sft_with_several_weighted_questions_per_image(shap
 
 
 def test_multi_fraction_sets_the_share_of_two_image_samples(shapes_tokenizer_path):
-    from minivlm.recipes import build_parser, resolve
-    from minivlm.tokenizer import Tokenizer
-    from minivlm.train import build_dataset
+    from minivlm.train.config import build_parser, resolve
+    from minivlm.data.tokenizer import Tokenizer
+    from minivlm.train.loop import build_dataset
     tok = Tokenizer.from_file(shapes_tokenizer_path)
     for fraction, multi in (("0.125", 100), ("0", 0), ("0.5", 400)):
         args = resolve("sft", build_parser("sft").parse_args(

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from minivlm.config import LMConfig, VisionConfig, VLMConfig
-from minivlm.vlm import MiniMindVLM, find_image_runs
+from minivlm.model.config import LMConfig, VisionConfig, VLMConfig
+from minivlm.model.vlm import MiniMindVLM, find_image_runs
 
 PH = 34
 

@@ -21,11 +21,11 @@ import zlib
 import pytest
 from PIL import Image
 
-from minivlm import web
-from minivlm.generate import SamplingConfig, encode_batch, generate
-from minivlm.processing import load_image
-from minivlm.prompt import user_turn
-from minivlm.watch import watch
+from minivlm.web import server as web
+from minivlm.infer.generate import SamplingConfig, encode_batch, generate
+from minivlm.data.processing import load_image
+from minivlm.data.prompt import user_turn
+from minivlm.web.watch import watch
 
 pytestmark = pytest.mark.skipif(not os.path.isfile(web.DEMO_WEIGHTS), reason="the demo model is not shipped here")
 SAMPLE = os.path.join(web.SAMPLES_DIR, "shapes_3.png")

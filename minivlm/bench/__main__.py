@@ -1,0 +1,6 @@
+"""python -m minivlm.bench: the benchmark suite."""
+import sys
+
+from .suite import main
+
+sys.exit(main())

@@ -1,0 +1,440 @@
+"""Watch the model look: a local web page that chats about images and shows what the model does.
+
+    python -m minivlm.web [--weights W.pth] [--vision CLIP_DIR] [--tokenizer T.json] [--port 8000]
+
+Python's standard library serves one static page (`web_static/index.html`, plain JavaScript, nothing
+fetched from the internet) and a small JSON API:
+
+    GET  /                 the page
+    GET  /api/info         the model's shape (image size, patch grid, layers), the samples, the limits
+    POST /api/image        {"sample": name} or {"data": base64 / data URL} -> an id and the crop the model gets
+    POST /api/chat         {"messages": [...], "sampling": {...}} -> server-sent events, read with fetch():
+                           prompt (the ids, image runs as blocks), token (one per new token: probability,
+                           top-5, attention onto the image patches), done (timings), error
+    POST /api/stop         ends the running generation after the current token
+
+The conversation lives in the page and is sent whole with every question, so the history really goes
+back to the model, through the one prompt path (`prompt.user_turn` -> `generate.encode_batch`).
+`watch.watch` is the decoding loop of `generate.py` once more, recording what a learner wants to see.
+
+Safe by default: it binds 127.0.0.1, bodies and images are size-limited, one generation runs at a time
+(a second one gets 429), only the page itself is served, and a bad request gets a JSON error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import threading
+import traceback
+import warnings
+from collections import OrderedDict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..model.checkpoint import load_with_tokenizer
+from ..infer.generate import SamplingConfig, encode_batch
+from ..data.processing import resize_and_crop, to_rgb
+from ..data.prompt import IMAGE_MARKER, PromptError, user_turn
+from .watch import prompt_pieces, watch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEMO_WEIGHTS = os.path.join(os.path.dirname(HERE), "demo", "model", "sft_vlm_128.pth")
+SAMPLES_DIR = os.path.join(os.path.dirname(HERE), "demo", "samples")
+STATIC = {"/": "index.html", "/index.html": "index.html"}  # the only files served, by exact path
+STATIC_DIR = os.path.join(HERE, "static")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+MAX_BODY_BYTES = 20 * 1024 * 1024  # a request body (an uploaded image travels base64-encoded in JSON)
+MAX_IMAGE_PIXELS = 20_000_000  # 20 MP, checked on the header before any pixel is decoded
+MAX_NEW_TOKENS = 256  # the most tokens one answer may ask for
+MAX_IMAGES = 8  # images in one conversation
+MAX_TEXT_CHARS = 4000  # characters in one message
+MAX_MESSAGES = 64  # messages in one conversation
+KEPT_IMAGES = 64  # uploaded crops the server remembers (oldest forgotten first)
+
+
+class HTTPError(Exception):
+    """A request the server refuses: answered with `status` and {"error": message}."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+
+def decode_image(data: bytes, size: int) -> Image.Image:
+    """Bytes of an image file -> the size x size RGB crop the model receives (resize, centre crop; CLIP's
+    mean/std come later). The header's pixel count is checked before decoding (MAX_IMAGE_PIXELS), and
+    Pillow's own decompression-bomb limit is an error too, not a warning."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:  # reads the header only
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise HTTPError(413, f"image of {im.width} x {im.height} = {im.width * im.height:,} pixels is "
+                                         f"more than MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS:,}")
+                im.load()
+                image = to_rgb(ImageOps.exif_transpose(im))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise HTTPError(413, f"image refused as a decompression bomb: {e}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise HTTPError(400, f"not a readable image ({type(e).__name__}: {e})") from None
+    # preprocess_image(crop) == preprocess_image(original): resizing an image of the target size is a no-op.
+    return resize_and_crop(image, size)
+
+
+def png_data_url(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def list_samples(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        return []
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking requests
+
+
+def number(value, name: str, lo, hi, integer: bool = False):
+    """A JSON number within [lo, hi], or HTTPError 400 naming the field."""
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok or not math.isfinite(value) or not lo <= value <= hi:
+        kind = "an integer" if integer else "a number"
+        raise HTTPError(400, f"sampling.{name} must be {kind} from {lo} to {hi}, got {json.dumps(value)}")
+    return value
+
+
+def parse_sampling(raw, vocab_size: int) -> SamplingConfig:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise HTTPError(400, "sampling must be a JSON object")
+    known = {"temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "seed"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise HTTPError(400, f"unknown sampling field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    cfg = SamplingConfig(max_new_tokens=64, seed=0)
+    for name, lo, hi, integer in (("temperature", 0.0, 5.0, False), ("top_p", 0.01, 1.0, False),
+                                  ("top_k", 0, vocab_size, True), ("repetition_penalty", 1.0, 5.0, False),
+                                  ("max_new_tokens", 1, MAX_NEW_TOKENS, True)):
+        if name in raw:
+            setattr(cfg, name, number(raw[name], name, lo, hi, integer))
+    if raw.get("seed") is not None:
+        cfg.seed = number(raw["seed"], "seed", 0, 2**31 - 1, integer=True)
+    return cfg
+
+
+class App:
+    """The model, its tokenizer and what the server remembers between requests."""
+
+    def __init__(self, model, tokenizer, question_first: bool, name: str = "model", samples_dir: str = SAMPLES_DIR):
+        self.model, self.tokenizer, self.question_first, self.name = model.eval(), tokenizer, question_first, name
+        self.samples_dir, self.samples = samples_dir, list_samples(samples_dir)
+        self.image_size = model.vlm_config.vision.image_size
+        self.images: OrderedDict[str, Image.Image] = OrderedDict()  # id -> crop
+        self.images_lock = threading.Lock()
+        self.generating = threading.Lock()  # one generation at a time
+        self.stop = threading.Event()
+
+    def info(self) -> dict:
+        v, lm = self.model.vlm_config.vision, self.model.config
+        return {"model": self.name, "image_size": v.image_size, "patch_size": v.patch_size,
+                "grid": v.image_size // v.patch_size, "run_length": self.model.run_length,
+                "cls": v.select_feature == "cls_patch", "layers": lm.num_hidden_layers,
+                "heads": lm.num_attention_heads, "vocab_size": self.tokenizer.vocab_size,
+                "question_first": self.question_first, "samples": self.samples,
+                "limits": {"max_body_bytes": MAX_BODY_BYTES, "max_image_pixels": MAX_IMAGE_PIXELS,
+                           "max_new_tokens": MAX_NEW_TOKENS, "max_images": MAX_IMAGES,
+                           "max_text_chars": MAX_TEXT_CHARS}}
+
+    def add_image(self, req: dict) -> dict:
+        """{"sample": name} or {"data": base64 or data URL, "name": ...} -> {"id", "name", "crop", ...}."""
+        if "sample" in req:
+            name = req["sample"]
+            if name not in self.samples:  # exact names only: no path ever reaches the file system
+                raise HTTPError(400, f"unknown sample {json.dumps(name)}; samples: {', '.join(self.samples)}")
+            with open(os.path.join(self.samples_dir, name), "rb") as f:
+                data = f.read()
+        elif isinstance(req.get("data"), str):
+            name = str(req.get("name") or "upload")[:100]
+            text = req["data"].split(",", 1)[1] if req["data"].startswith("data:") else req["data"]
+            try:
+                data = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError):
+                raise HTTPError(400, "data is not valid base64") from None
+        else:
+            raise HTTPError(400, 'send {"sample": name} or {"data": base64 image file}')
+        crop = decode_image(data, self.image_size)
+        key = hashlib.sha256(crop.tobytes()).hexdigest()[:16]
+        with self.images_lock:
+            self.images[key] = crop
+            self.images.move_to_end(key)
+            while len(self.images) > KEPT_IMAGES:
+                self.images.popitem(last=False)
+        return {"id": key, "name": name, "crop": png_data_url(crop), "image_size": self.image_size}
+
+    def parse_chat(self, req: dict):
+        """{"messages": [{"role", "text", "images": [ids]}, ...], "sampling"} -> (batch, cfg)."""
+        msgs = req.get("messages")
+        if not isinstance(msgs, list) or not 1 <= len(msgs) <= MAX_MESSAGES:
+            raise HTTPError(400, f"messages must be a list of 1 to {MAX_MESSAGES} messages")
+        images, messages = [], []
+        for i, m in enumerate(msgs):
+            want = "user" if i % 2 == 0 else "assistant"
+            if not isinstance(m, dict) or m.get("role") != want:
+                raise HTTPError(400, f"messages[{i}] must be an object with role {want!r} (user and assistant alternate)")
+            text, ids = m.get("text"), m.get("images", [])
+            if not isinstance(text, str) or len(text) > MAX_TEXT_CHARS:
+                raise HTTPError(400, f"messages[{i}].text must be a string of at most {MAX_TEXT_CHARS} characters")
+            if not isinstance(ids, list) or (ids and want == "assistant"):
+                raise HTTPError(400, f"messages[{i}].images must be a list of image ids, in user messages only")
+            with self.images_lock:
+                missing = [k for k in ids if not isinstance(k, str) or k not in self.images]
+                images += [self.images[k] for k in ids if not missing]
+            if missing:
+                raise HTTPError(400, f"unknown image id {json.dumps(missing[0])}: upload the image again")
+            if want == "assistant" and IMAGE_MARKER in text:
+                raise HTTPError(400, f"messages[{i}]: an answer cannot hold {IMAGE_MARKER}; start a new chat")
+            try:
+                content = user_turn(text, len(ids), self.question_first) if want == "user" else text
+            except PromptError as e:
+                raise HTTPError(400, f"messages[{i}]: {e}") from None
+            messages.append({"role": want, "content": content})
+        if messages[-1]["role"] != "user":
+            raise HTTPError(400, "the last message must be the user's question")
+        if len(images) > MAX_IMAGES:
+            raise HTTPError(400, f"{len(images)} images in one conversation; at most MAX_IMAGES = {MAX_IMAGES}")
+        cfg = parse_sampling(req.get("sampling"), self.tokenizer.vocab_size)
+        batch = encode_batch(self.model, self.tokenizer, [(images, messages)], self.image_size)
+        n, room = batch["input_ids"].shape[1], self.model.config.max_position_embeddings
+        if n >= room:
+            raise HTTPError(400, f"the conversation is {n} tokens, the model reads at most {room}: start a new chat")
+        return batch, cfg
+
+    def events(self, batch: dict, cfg: SamplingConfig):
+        """Yield (event, data) for one generation: prompt, then token per new token, then done."""
+        tok, model = self.tokenizer, self.model
+        ids = batch["input_ids"][0].tolist()
+        yield "prompt", {"pieces": prompt_pieces(tok, ids, model.placeholder_id, model.run_length),
+                         "n_tokens": len(ids), "n_images": int(batch["image_counts"][0]) if
+                         batch["image_counts"] is not None else 0}
+        answer, times, reason = [], [], "max_new_tokens"
+        for rec in watch(model, batch, cfg, tok.eos_id):
+            times.append(rec["ms"])
+            if rec["id"] != tok.eos_id:
+                answer.append(rec["id"])
+            attn = rec["attn"]
+            yield "token", {"i": len(times) - 1, "id": rec["id"], "eos": rec["id"] == tok.eos_id,
+                            "piece": tok.decode([rec["id"]], skip_special_tokens=False),
+                            "text": tok.decode(answer), "p": round(rec["p"], 5), "ms": round(rec["ms"], 2),
+                            "top": [[tok.decode([i], skip_special_tokens=False), round(p, 5)] for i, p in rec["top"]],
+                            "image_share": [round(x, 4) for x in attn.sum(-1).tolist()],
+                            "attn": [[round(x, 5) for x in row] for row in attn.tolist()]}
+            if rec["id"] == tok.eos_id:
+                reason = "eos"
+            elif self.stop.is_set():
+                reason = "stopped"
+                break
+        if reason == "max_new_tokens" and len(times) < cfg.max_new_tokens:
+            reason = "context_full"  # the model's max_position_embeddings ended it
+        decode = times[1:]
+        yield "done", {"reason": reason, "tokens": len(times), "text": tok.decode(answer),
+                       "prefill_ms": round(times[0], 2) if times else 0.0, "decode_ms": round(sum(decode), 2),
+                       "ms_per_token": round(sum(decode) / len(decode), 2) if decode else None,
+                       "tokens_per_s": round(1000 * len(decode) / sum(decode), 1) if decode else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One request. `server.app` is the App; every failure becomes a JSON error, never a dead server."""
+
+    server_version = "minivlm-web"
+    timeout = 60  # seconds a client may stall while sending its request
+
+    def log_message(self, fmt, *args):
+        if getattr(self.server, "verbose", False):
+            super().log_message(fmt, *args)
+
+    def send_json(self, status: int, obj: dict):
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def read_json(self) -> dict:
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise HTTPError(411, "a Content-Length header is required")
+        try:
+            n = int(length)
+        except ValueError:
+            raise HTTPError(400, f"bad Content-Length {length!r}") from None
+        if n > MAX_BODY_BYTES or n < 0:
+            self.close_connection = True  # the body is left unread
+            raise HTTPError(413, f"request body of {n:,} bytes is more than MAX_BODY_BYTES = {MAX_BODY_BYTES:,}")
+        try:
+            req = json.loads(self.rfile.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise HTTPError(400, f"the body is not valid JSON ({e})") from None
+        if not isinstance(req, dict):
+            raise HTTPError(400, "the body must be a JSON object")
+        return req
+
+    def handle_errors(self, route):
+        try:
+            route()
+        except HTTPError as e:
+            self.send_json(e.status, {"error": str(e)})
+        except OSError:
+            pass  # the client went away or stalled past `timeout`
+        except Exception as e:  # a bug: say so, keep serving
+            traceback.print_exc()
+            self.send_json(500, {"error": f"internal error: {type(e).__name__}: {e}"})
+
+    def send_error(self, code, message=None, explain=None):
+        """What http.server itself refuses (a malformed request line, an unknown method) is JSON too."""
+        self.close_connection = True
+        self.send_json(code, {"error": message or self.responses.get(code, ("bad request",))[0]})
+
+    def check_origin(self):
+        """Bound to loopback, answer only requests addressed to loopback (a DNS-rebinding page is not),
+        and take only JSON posts (a cross-site page cannot send those without a CORS preflight)."""
+        host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
+        if self.server.loopback and host not in ("127.0.0.1", "localhost", "::1"):
+            raise HTTPError(403, f"this server answers requests to 127.0.0.1 / localhost only, not {host[:100]!r}")
+        if self.command == "POST" and self.headers.get_content_type() != "application/json":
+            raise HTTPError(415, "POST bodies must be JSON (Content-Type: application/json)")
+
+    def do_GET(self):
+        self.handle_errors(lambda: (self.check_origin(), self.get()))
+
+    def do_POST(self):
+        self.handle_errors(lambda: (self.check_origin(), self.post()))
+
+    def do_PUT(self):
+        self.send_json(405, {"error": f"method PUT is not allowed on {self.path}"})
+
+    do_DELETE = do_PATCH = do_PUT
+
+    def get(self):
+        path = self.path.split("?", 1)[0]
+        app = self.server.app
+        if path == "/api/info":
+            return self.send_json(200, app.info())
+        if path not in STATIC:  # a fixed list of exact paths: "/../x" or "/%2e%2e/x" is simply not on it
+            raise HTTPError(404, f"not found: {path[:200]}")
+        with open(os.path.join(STATIC_DIR, STATIC[path]), "rb") as f:
+            body = f.read()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Security-Policy", "default-src 'self' 'unsafe-inline' data:")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def post(self):
+        path, app = self.path.split("?", 1)[0], self.server.app
+        routes = {"/api/image": lambda: self.send_json(200, app.add_image(self.read_json())),
+                  "/api/chat": self.chat,
+                  "/api/stop": lambda: (app.stop.set(), self.send_json(200, {"stopping": app.generating.locked()}))}
+        if path not in routes:
+            raise HTTPError(404, f"not found: {path[:200]}")
+        routes[path]()
+
+    def chat(self):
+        app = self.server.app
+        batch, cfg = app.parse_chat(self.read_json())  # every 400 comes before the stream starts
+        if not app.generating.acquire(blocking=False):
+            raise HTTPError(429, "busy: another answer is being generated; wait for it or stop it, then ask again")
+        try:
+            app.stop.clear()
+            self.close_connection = True  # the stream ends when the connection closes
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            try:
+                for event, data in app.events(batch, cfg):
+                    self.wfile.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
+                    self.wfile.flush()
+            except OSError:
+                return  # the page went away, was reloaded or stopped reading: stop generating
+            except Exception as e:  # headers are sent: report the failure inside the stream
+                traceback.print_exc()
+                self.wfile.write(f"event: error\ndata: {json.dumps({'error': f'{type(e).__name__}: {e}'})}\n\n".encode())
+        finally:
+            app.generating.release()
+
+
+def make_server(app: App, host: str = "127.0.0.1", port: int = 8000, verbose: bool = False) -> ThreadingHTTPServer:
+    """A ready server (port 0 = any free port: read it back from server.server_address)."""
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    server.app, server.verbose = app, verbose
+    server.loopback = host in ("127.0.0.1", "localhost", "::1")
+    return server
+
+
+def load_app(weights: str = DEMO_WEIGHTS, vision: str | None = None, tokenizer: str | None = None,
+             device: str = "cpu") -> App:
+    """The model (with its question order from the checkpoint JSON) and its tokenizer, as an App."""
+    model, tok, question_first = load_with_tokenizer(weights, tokenizer, vision)
+    return App(model.to(device), tok, question_first, name=os.path.basename(weights))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m minivlm.web", description="A local web page to chat with a VLM "
+                                "about images and watch it look: tokens, probabilities, attention on the patches.")
+    p.add_argument("--weights", default=DEMO_WEIGHTS, help="checkpoint (default: the shipped demo model)")
+    p.add_argument("--vision", default=None, help="Hugging Face CLIP folder (default: saved with the checkpoint)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: beside --weights)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the page to your network")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, …")
+    p.add_argument("--verbose", action="store_true", help="log every request")
+    args = p.parse_args(argv)
+    if not os.path.isfile(args.weights):
+        print(f"error: {args.weights}: weights file not found", file=sys.stderr)
+        return 2
+    try:
+        app = load_app(args.weights, args.vision, args.tokenizer, args.device)
+        server = make_server(app, args.host, args.port, args.verbose)
+    except (OSError, ValueError) as e:  # WeightsError is a ValueError; so is a bad tokenizer
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"minivlm: {app.name} on http://{args.host}:{server.server_address[1]}/  (Ctrl-C stops)")
+    if not server.loopback:
+        print(f"warning: bound to {args.host}: anyone who can reach this machine can use the page")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("\nstopped")
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
