@@ -2,7 +2,7 @@
 import pytest
 
 from minivlm.synthetic.dataset import write_dataset
-from minivlm.data.tokenizer import train_tokenizer
+from minivlm.data.tool import train_tokenizer
 
 
 @pytest.fixture(scope="session")

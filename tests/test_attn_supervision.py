@@ -9,7 +9,7 @@ import torch
 
 from minivlm.synthetic.attention import SINK, AttentionTap, cell_tokens, look_loss, look_targets
 from minivlm.model.config import VLMConfig, lm_26m, vlm_preset
-from minivlm.data.dataset import collate_vlm
+from minivlm.synthetic.training import collate_with_looks
 from minivlm.synthetic.world import COLOURS, DIFF_QUESTION, Obj, Scene, render
 from minivlm.synthetic.dataset import SyntheticVLMDataset
 from minivlm.data.tokenizer import Tokenizer
@@ -50,7 +50,7 @@ def test_cell_tokens_cover_the_objects_pixels(size, patch):
 
 def sample_batch(tok, kind, n, run_length=36, image_size=96):
     ds = SyntheticVLMDataset(kind, n, 3, tok, run_length, 400, image_size=image_size, questions_per_image=4, look=True)
-    return ds, collate_vlm([ds[i] for i in range(n)], tok.pad_id)
+    return ds, collate_with_looks([ds[i] for i in range(n)], tok.pad_id)
 
 
 @pytest.mark.parametrize("kind", ["sft", "multi"])
@@ -127,11 +127,12 @@ def test_attn_sup_refuses_what_it_cannot_do(shapes_dir, shapes_tokenizer_path, t
               "--batch-size", "4", "--num-workers", "0", "--max-steps", "1", "--synthetic-samples", "64"]
     assert main("pretrain", common + ["--data", "synthetic"]) == 0
     capsys.readouterr()
-    assert main("sft", common + ["--data", str(shapes_dir / "sft.jsonl"), "--attn-sup", "1"]) == 2
-    assert "--attn-sup needs --data synthetic" in capsys.readouterr().out
-    assert main("sft", common + ["--data", str(shapes_dir / "sft.jsonl")]) == 0  # off by default on files
+    files = [a for a in common if a != "--synthetic-samples" and a != "64"]
+    assert main("sft", files + ["--data", str(shapes_dir / "sft.jsonl"), "--attn-sup", "1"]) == 2
+    assert "unrecognized arguments: --attn-sup 1 (the shapes world's flags need --data synthetic)" in capsys.readouterr().err
+    assert main("sft", files + ["--data", str(shapes_dir / "sft.jsonl")]) == 0  # off on files: the world is not loaded
     assert main("sft", common + ["--data", "synthetic", "--attn-sup", "-1"]) == 2
-    assert "--attn-sup -1.0: a weight cannot be negative" in capsys.readouterr().out
+    assert "argument --attn-sup: -1: a weight must be a finite number >= 0" in capsys.readouterr().err
     assert main("sft", common + ["--data", "synthetic", "--attn-sup-layer", "4"]) == 2
     assert "--attn-sup-layer 4: the decoder has layers 0..3" in capsys.readouterr().out
     assert main("sft", common + ["--data", "synthetic", "--attn-sup-head", "-1"]) == 2

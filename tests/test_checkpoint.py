@@ -227,21 +227,3 @@ def test_load_vlm_in_bf16_without_random_init(tmp_path, init_calls):
     assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
     ids, px = torch.tensor([[1, 34, 34, 34, 34, 5, 6]]), torch.randn(1, 1, 3, 32, 32)
     torch.testing.assert_close(loaded(ids, px.bfloat16()).logits.float(), m(ids, px).logits, atol=0.05, rtol=0.05)
-
-
-@pytest.mark.parametrize("moe", [False, True])
-def test_fused_projections_keep_checkpoint_keys_and_answers(tmp_path, moe):
-    from minivlm.infer.generate import SamplingConfig, generate
-    torch.manual_seed(0)
-    m = MiniMindVLM(cfg(use_moe=moe), placeholder_id=34).eval()
-    ids, px = torch.tensor([[1, 34, 34, 34, 34, 5, 6]]), torch.randn(1, 1, 3, 32, 32)
-    ref, keys = m(ids, px).logits, set(m.state_dict())
-    tokens = generate(m, ids, px, cfg=SamplingConfig(max_new_tokens=6), eos_id=None)
-    m.fuse_projections()
-    assert m.model.layers[0].self_attn.qkv_proj is not None and set(m.state_dict()) == keys
-    torch.testing.assert_close(m(ids, px).logits, ref)
-    assert torch.equal(generate(m, ids, px, cfg=SamplingConfig(max_new_tokens=6), eos_id=None), tokens)
-    save_vlm(m, tmp_path / "fused.pth", dtype=torch.float32)  # the saved file has the usual keys
-    plain = load_vlm(tmp_path / "fused.pth", vision=m.vision_encoder).eval()
-    torch.testing.assert_close(plain(ids, px).logits, ref)
-    plain.fuse_projections().load_state_dict(m.state_dict())  # a fused model reads the usual keys too

@@ -12,7 +12,7 @@ from minivlm.data.dataset import (DataError, SampleTooLong, VLMDataset, collate_
                           make_sample)
 from minivlm.data.processing import preprocess_image
 from minivlm.data.prompt import expand_images, render_chat
-from minivlm.data.tokenizer import train_tokenizer
+from minivlm.data.tool import train_tokenizer
 
 RUN, SIZE = 4, 16  # short placeholder runs and tiny images keep the tests fast
 

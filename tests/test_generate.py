@@ -13,7 +13,7 @@ from minivlm.infer.generate import (SamplingConfig, answer, answer_batch, genera
 from minivlm.model.lm import KVCache, LMOutput, MiniMindLM
 from minivlm.data.processing import preprocess_image
 from minivlm.data.prompt import chat_prompt, expand_images, render_chat
-from minivlm.data.tokenizer import train_tokenizer
+from minivlm.data.tool import train_tokenizer
 from minivlm.model.vlm import MiniMindVLM
 
 SIZE = 32  # 32 px images, 16 px patches -> runs of 4 placeholders

@@ -34,9 +34,9 @@ def kernel_dir(tmp_path_factory):
     return str(d)
 
 
-def test_there_are_seven_notebooks():
-    assert len(NAMES) == 7, NAMES
-    assert [n[:2] for n in NAMES] == [f"{i:02d}" for i in range(1, 8)]
+def test_there_are_eight_notebooks():
+    assert len(NAMES) == 8, NAMES
+    assert [n[:2] for n in NAMES] == [f"{i:02d}" for i in range(1, 9)]
 
 
 @pytest.mark.parametrize("name", NAMES)

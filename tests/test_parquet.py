@@ -13,9 +13,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from minivlm.data.dataset import DataError, VLMDataset, collate_vlm, data_summary
-from minivlm.data.parquet import ParquetVLMDataset, grouped_order
+from minivlm.data.parquet import ParquetVLMDataset, grouped_order, open_dataset
 from minivlm.data.processing import preprocess_image
-from minivlm.data.tokenizer import train_tokenizer
+from minivlm.data.tool import train_tokenizer
 
 RUN, SIZE = 4, 16  # short placeholder runs and tiny images keep the tests fast
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n"
@@ -83,7 +83,7 @@ def fixture_file(tmp_path_factory):
 
 
 def dataset(path, tok, **kw):
-    return VLMDataset(path, tokenizer=tok, run_length=RUN, image_size=SIZE, **kw)
+    return open_dataset(path, tokenizer=tok, run_length=RUN, image_size=SIZE, **kw)
 
 
 # --- MiniMind-V's rules, implemented independently of minivlm's prompt.py ---------------------
@@ -269,7 +269,7 @@ def test_synthetic_parquet_gives_the_samples_of_the_jsonl_files(shapes_dir, shap
     for name in ("pretrain", "sft", "sft_multi"):
         kw = dict(tokenizer=tok, run_length=36, image_size=96, max_length=200)
         from_jsonl = VLMDataset(shapes_dir / f"{name}.jsonl", **kw)
-        from_parquet = VLMDataset(tmp_path / f"{name}.parquet", **kw)
+        from_parquet = ParquetVLMDataset(tmp_path / f"{name}.parquet", **kw)
         assert len(from_jsonl) == len(from_parquet)
         assert from_jsonl.question_first == from_parquet.question_first
         for i in (0, len(from_jsonl) - 1):
@@ -300,7 +300,7 @@ def test_a_batch_of_text_only_samples_trains(tok, fixture_file):
     cfg = vlm_preset("tiny")
     cfg.lm.vocab_size, cfg.placeholder_id = tok.vocab_size, tok.placeholder_id
     model = MiniMindVLM(cfg)
-    ds = VLMDataset(fixture_file, tokenizer=tok, run_length=cfg.run_length, image_size=cfg.vision.image_size)
+    ds = ParquetVLMDataset(fixture_file, tokenizer=tok, run_length=cfg.run_length, image_size=cfg.vision.image_size)
     for rows in ([2, 2], [2, 0, 1]):  # text-only alone, and mixed with image samples
         batch = collate_vlm([ds[i] for i in rows], pad_id=tok.pad_id)
         out = model(batch["input_ids"], batch["pixel_values"], labels=batch["labels"],

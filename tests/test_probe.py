@@ -1,4 +1,4 @@
-"""python -m minivlm.probe: the diagnostics behind the README's section on the demo model."""
+"""python -m minivlm.probe: the diagnostics behind notebook 08 (when a VLM does not look)."""
 
 import torch
 

@@ -1,4 +1,5 @@
 """No input crashes, hangs, misleads or runs code; a run killed anywhere resumes exactly (issue 13)."""
+import contextlib
 import csv
 import io
 import json
@@ -22,6 +23,16 @@ from minivlm.infer.cli import main as eval_main
 from minivlm.data.processing import ImageLoadError, center_crop, load_image, preprocess_image, resize_and_crop
 from minivlm.data.processing import resize_shortest_side
 from minivlm.model.weights import WeightsError
+
+@contextlib.contextmanager
+def stop_after(step: int):
+    """Runs inside it end after `step` as if killed there (MINIVLM_STOP_AFTER, the loop's test hook)."""
+    os.environ["MINIVLM_STOP_AFTER"] = str(step)
+    try:
+        yield
+    finally:
+        del os.environ["MINIVLM_STOP_AFTER"]
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -169,7 +180,8 @@ def test_resume_with_dropout_is_bit_identical_and_logs_each_step_once(shapes_dir
     a, b = tmp_path / "a", tmp_path / "b"
     assert train.main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, a, *common)) == 0
     # killed at step 5: the resume state is from step 3, the log already has rows 4 and 5
-    assert train.main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, b, *common, "--stop-after", "5")) == 0
+    with stop_after(5):
+        assert train.main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, b, *common)) == 0
     stale = b / "pretrain_vision" / "model.safetensors.tmp4194999"  # an atomic write cut short
     stale.write_bytes(b"half")
     assert train.main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, b, *common, "--resume")) == 0

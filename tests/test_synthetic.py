@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from minivlm.synthetic import dataset as synthetic
+from minivlm.infer import evaluate as scoring_generic
 from minivlm.synthetic import scoring
 from minivlm.synthetic import world as S
 
@@ -273,7 +274,7 @@ def test_cli_writes_files_and_preview(tmp_path, capsys):
     ("Yes", "yes"),
 ])
 def test_normalize_answer(raw, norm):
-    assert scoring.normalize_answer(raw) == norm
+    assert scoring_generic.normalize_answer(raw) == norm
 
 
 def test_score_per_type_and_object_count():
@@ -285,14 +286,14 @@ def test_score_per_type_and_object_count():
         dict(qtype="position", n_objects=1, prediction="in the centre", answer="center"),
         dict(qtype="exists", n_objects=2, prediction="yes", answer="no"),
     ]
-    s = scoring.score(recs)
+    s = scoring_generic.score(recs)
     assert s["overall"] == {"correct": 4, "total": 6, "acc": pytest.approx(4 / 6)}
     assert s["by_qtype"]["count"]["acc"] == pytest.approx(2 / 3)
     assert s["by_qtype_nobj"]["count"][1]["acc"] == 1.0
     assert s["by_qtype_nobj"]["count"][2]["acc"] == 0.5
     assert s["by_qtype"]["exists"]["acc"] == 0.0
     assert s["by_qtype"]["position"]["acc"] == 1.0
-    report = scoring.format_report(s)
+    report = scoring_generic.format_report(s)
     assert "count" in report and "overall" in report and "66.7" in report
 
 
@@ -306,9 +307,9 @@ def test_describe_attribute_score():
     # an invented extra object costs credit
     got = scoring.describe_attributes(truth + " and a small white cross at the bottom", truth)
     assert got["position"] == (2, 3)
-    s = scoring.score([dict(qtype="describe", n_objects=2, prediction=truth, answer=truth)])
+    s = scoring_generic.score([dict(qtype="describe", n_objects=2, prediction=truth, answer=truth)])
     assert s["describe_attributes"]["all"]["acc"] == 1.0
-    assert "describe (attributes)" in scoring.format_report(s)
+    assert "describe (attributes)" in scoring_generic.format_report(s)
 
 
 # -----------------------------------------------------------------------------
@@ -317,7 +318,7 @@ def test_describe_attribute_score():
 def test_on_the_fly_matches_files(tmp_path):
     torch = pytest.importorskip("torch")
     from minivlm.data.dataset import VLMDataset
-    from minivlm.data.tokenizer import train_tokenizer
+    from minivlm.data.tool import train_tokenizer
 
     synthetic.write_dataset(tmp_path, n_train=6, n_test=2, seed=5)
     tok = train_tokenizer([tmp_path / "pretrain.jsonl", tmp_path / "sft.jsonl"], vocab_size=400)
@@ -357,7 +358,7 @@ def test_sft_qtype_weights_change_the_mix():
 
 def test_questions_per_image_asks_several_questions_in_one_conversation(tmp_path):
     torch = pytest.importorskip("torch")
-    from minivlm.data.tokenizer import train_tokenizer
+    from minivlm.data.tool import train_tokenizer
 
     synthetic.write_dataset(tmp_path, n_train=6, n_test=0, seed=5)
     tok = train_tokenizer([tmp_path / "pretrain.jsonl", tmp_path / "sft.jsonl"], vocab_size=400)

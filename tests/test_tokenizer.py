@@ -7,7 +7,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, trainers
 
 from minivlm.data.prompt import FULLWIDTH_AT, chat_pieces, expand_images, image_placeholder, render_chat, sanitize_text
-from minivlm.data.tokenizer import Tokenizer, main, train_tokenizer
+from minivlm.data.tokenizer import Tokenizer
+from minivlm.data.tool import tokenizer_main as main, train_tokenizer
 
 SENTENCES = [
     "A red square sits on the left of a blue circle.",

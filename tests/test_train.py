@@ -1,3 +1,4 @@
+import contextlib
 import csv
 import json
 import os
@@ -11,8 +12,21 @@ import torch
 
 from minivlm.model.checkpoint import load_vlm
 from minivlm.model.config import vlm_preset
-from minivlm.train.loop import CSV_FIELDS, EpochSampler, main, set_trainable, trainable_counts
+from minivlm.train.loop import CSV_FIELDS, main
+from minivlm.train.optim import set_trainable, trainable_counts
+from minivlm.train.sampler import EpochSampler
 from minivlm.model.vlm import MiniMindVLM
+
+
+@contextlib.contextmanager
+def stop_after(step: int):
+    """Runs inside it end after `step` as if killed there (MINIVLM_STOP_AFTER, the loop's test hook)."""
+    os.environ["MINIVLM_STOP_AFTER"] = str(step)
+    try:
+        yield
+    finally:
+        del os.environ["MINIVLM_STOP_AFTER"]
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,8 +119,9 @@ def test_resume_is_bit_identical(shapes_dir, shapes_tokenizer_path, tmp_path):
     # boundary here but does restart mid-epoch.
     assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, a, "pretrain.jsonl", *common,
                                       "--grad-accum", "2")) == 0
-    assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, b, "pretrain.jsonl", *common,
-                                      "--grad-accum", "2", "--stop-after", "3")) == 0
+    with stop_after(3):
+        assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, b, "pretrain.jsonl", *common,
+                                          "--grad-accum", "2")) == 0
     assert torch.load(b / "resume_pretrain.pt", weights_only=True)["step"] == 3
     assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, b, "pretrain.jsonl", *common,
                                       "--grad-accum", "2", "--resume")) == 0
@@ -123,8 +138,8 @@ def test_resume_across_an_epoch_boundary_is_bit_identical(shapes_dir, shapes_tok
     common = ["--max-steps", "16", "--save-every", "5", "--epochs", "2", "--lr", "2e-3", "--batch-size", "6"]
     a, b = tmp_path / "a", tmp_path / "b"
     assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, a, "pretrain.jsonl", *common)) == 0
-    assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, b, "pretrain.jsonl", *common,
-                                      "--stop-after", "10")) == 0
+    with stop_after(10):
+        assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, b, "pretrain.jsonl", *common)) == 0
     assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, b, "pretrain.jsonl", *common,
                                       "--resume")) == 0
     sa = torch.load(a / "resume_pretrain.pt", weights_only=True)["model"]
@@ -247,7 +262,7 @@ def test_fp32_feature_cache_trains_bit_for_bit_like_the_tower(shapes_dir, shapes
 
 
 def test_length_grouping_is_a_deterministic_permutation_that_cuts_padding():
-    from minivlm.train.loop import length_grouped
+    from minivlm.train.sampler import length_grouped
     lengths = torch.randint(50, 1500, (1000,), generator=torch.Generator().manual_seed(0))
     s = EpochSampler(1000, seed=3, lengths=lengths, batch_size=8)
     order = s.indices()
@@ -271,8 +286,8 @@ def test_resume_with_length_grouping_is_bit_identical(shapes_dir, shapes_tokeniz
               "--group-by-length"]
     a, b = tmp_path / "a", tmp_path / "b"
     assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, a, "sft.jsonl", *common)) == 0
-    assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, b, "sft.jsonl", *common,
-                                      "--stop-after", "7")) == 0
+    with stop_after(7):
+        assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, b, "sft.jsonl", *common)) == 0
     capsys.readouterr()
     assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, b, "sft.jsonl",
                                       *common[:-1], "--resume")) == 2  # grouping switched off: refused
@@ -304,7 +319,7 @@ def test_compiled_decoder_matches_eager_without_graph_breaks():
 
 
 def test_feature_store_of_a_parquet_file_serves_the_towers_output(shapes_dir, shapes_tokenizer_path, tmp_path):
-    from minivlm.data.dataset import VLMDataset
+    from minivlm.data.parquet import ParquetVLMDataset
     from minivlm.train.features import FeatureStore, attach, build_store
     from minivlm.data.parquet import write_parquet
     from minivlm.data.processing import load_image, preprocess_image
@@ -319,8 +334,8 @@ def test_feature_store_of_a_parquet_file_serves_the_towers_output(shapes_dir, sh
     assert m["complete"] and m["images"] == 6 and m["offsets"] == list(range(7))
     assert (tmp_path / "feats" / "features.bin").stat().st_size == 6 * 36 * 128 * 2  # tiny: 36 patches x 128
     cfg = vlm_preset("tiny")
-    ds = VLMDataset(pq, tokenizer=Tokenizer.from_file(shapes_tokenizer_path), max_length=128,
-                    run_length=cfg.run_length, image_size=cfg.vision.image_size)
+    ds = ParquetVLMDataset(pq, tokenizer=Tokenizer.from_file(shapes_tokenizer_path), max_length=128,
+                           run_length=cfg.run_length, image_size=cfg.vision.image_size)
     attach(FeatureStore(tmp_path / "feats"), ds)
     sample = ds[3]
     assert "pixel_values" not in sample and sample["image_features"].shape == (1, 36, 128)
@@ -336,17 +351,17 @@ def test_torchrun_resume_with_dropout_across_an_epoch_boundary_is_bit_identical(
     state from step 4) and resumed across the epoch boundary ends with the uninterrupted run's weights."""
     common = ["--max-steps", "8", "--epochs", "2", "--save-every", "4", "--lr", "2e-3", "--dropout", "0.1"]
 
-    def torchrun(out, *extra):
+    def torchrun(out, *extra, stop=None):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
                os.path.join(ROOT, "train_pretrain.py"),
                *base_args(shapes_dir, shapes_tokenizer_path, out, "pretrain.jsonl", *common, *extra)]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           env={**os.environ, "OMP_NUM_THREADS": "1", "MINIVLM_STOP_AFTER": str(stop or "")})
         assert r.returncode == 0, torchrun_failure(r)
 
     a, b = tmp_path / "a", tmp_path / "b"
     torchrun(a)
-    torchrun(b, "--stop-after", "5")
+    torchrun(b, stop=5)
     torchrun(b, "--resume")
     sa = torch.load(a / "resume_pretrain.pt", weights_only=True)["model"]
     sb = torch.load(b / "resume_pretrain.pt", weights_only=True)["model"]
@@ -374,14 +389,14 @@ def test_untied_pretrain_then_sft_with_several_weighted_questions_per_image(shap
 
 
 def test_multi_fraction_sets_the_share_of_two_image_samples(shapes_tokenizer_path):
-    from minivlm.train.config import build_parser, resolve
     from minivlm.data.tokenizer import Tokenizer
-    from minivlm.train.loop import build_dataset
+    from minivlm.synthetic.training import ShapesTraining
+    from minivlm.train.config import parse
     tok = Tokenizer.from_file(shapes_tokenizer_path)
     for fraction, multi in (("0.125", 100), ("0", 0), ("0.5", 400)):
-        args = resolve("sft", build_parser("sft").parse_args(
-            ["--preset", "tiny", "--data", "synthetic", "--synthetic-samples", "800", "--multi-fraction", fraction]))
-        ds = build_dataset("sft", args, tok, vlm_preset("tiny"))
+        cfg = parse("sft", ["--preset", "tiny", "--data", "synthetic", "--synthetic-samples", "800",
+                            "--multi-fraction", fraction])
+        ds = ShapesTraining("sft", cfg, tok, vlm_preset("tiny")).dataset
         assert [len(d) for d in ds.datasets] == [800 - multi, multi]
     with pytest.raises(SystemExit):
-        build_parser("sft").parse_args(["--multi-fraction", "1.5"])
+        parse("sft", ["--preset", "tiny", "--multi-fraction", "1.5"])

@@ -21,7 +21,7 @@ import torch
 from .baselines import build_model, synthetic_batch
 from ..common import print0, resolve_device, sync
 from ..train.optim import make_optimizer
-from ..train.loop import set_trainable
+from ..train.optim import set_trainable
 
 
 def timed_step(model, optimizer, batch, device) -> float:

@@ -42,8 +42,9 @@ from ..data.dataset import VLMDataset, collate_vlm
 from ..train.features import FeatureStore, attach, build_store
 from ..train.optim import make_optimizer
 from ..data.prompt import encode_chat
-from ..data.tokenizer import train_tokenizer
-from ..train.loop import EpochSampler, set_trainable
+from ..data.tool import train_tokenizer
+from ..train.optim import set_trainable
+from ..train.sampler import EpochSampler
 
 WORDS = ("the a of on in near with left right top bottom small large red green blue yellow white black "
          "square circle triangle shape picture photo image shows there is are two three several person "

@@ -54,7 +54,7 @@ def projector_matmul_params(cfg: VLMConfig) -> int:
 
 
 def train_step_flops(cfg: VLMConfig, batch: int, seq_len: int, images_per_sample: int = 1) -> dict:
-    """FLOPs of one training step, by part (see the module docstring and README "## Benchmarks").
+    """FLOPs of one training step, by part (see the module docstring and docs/benchmarks.md).
 
     decoder    6·N_lm·T + 12·L·T²·d per sequence (forward 2N + attention 4LT²d, backward twice that)
     projector  4·N_proj·run_length per image: forward + weight gradient only (the frozen tower

@@ -5,7 +5,7 @@
 
 Everything runs on random weights and synthetic inputs of the real shapes (the preset's decoder and
 CLIP tower, one run of 196 placeholder ids + random text ids, pixel_values (B, 1, 3, 224, 224)): speed
-does not depend on what the weights are, so nothing is downloaded. The sections (README "## Benchmarks"
+does not depend on what the weights are, so nothing is downloaded. The sections (docs/benchmarks.md
 says what each number means):
   train     one SFT optimizer step (vision frozen, projector + decoder trained), also with eager attention
             and as the "baseline" (eager attention + MiniMind-V's loop splice + fp32 tower: baselines.py);
@@ -45,9 +45,10 @@ from .flops import (H100_PEAK_TFLOPS, kv_cache_bytes, lm_matmul_params, mfu, pro
                     train_step_flops)
 from ..infer.generate import SamplingConfig, generate
 from ..train.optim import make_optimizer
-from ..data.parquet import write_parquet
-from ..data.tokenizer import Tokenizer, train_tokenizer
-from ..train.loop import set_trainable
+from ..data.parquet import ParquetVLMDataset, write_parquet
+from ..data.tokenizer import Tokenizer
+from ..data.tool import train_tokenizer
+from ..train.optim import set_trainable
 from ..model.vlm import MiniMindVLM
 
 
@@ -315,7 +316,7 @@ def bench_data(args) -> dict:
             records = [json.loads(line) for line in f]
         write_parquet(pq_path, [(r["conversations"], [read_bytes(os.path.join(folder, r["image"]))]) for r in records],
                       row_group_size=256)
-        pq = VLMDataset(pq_path, tokenizer=tok, max_length=cfg.run_length + 512, run_length=cfg.run_length,
+        pq = ParquetVLMDataset(pq_path, tokenizer=tok, max_length=cfg.run_length + 512, run_length=cfg.run_length,
                         image_size=cfg.vision.image_size)
         out["parquet_samples_per_s_main_process"] = rate(0, pq)
         out["parquet_samples_per_s"] = rate(workers, pq) if workers > 0 else out["parquet_samples_per_s_main_process"]

@@ -132,7 +132,7 @@ def caption_corpus(n_scenes: int = 3000, seed: int = 0) -> list[str]:
 
 def train_clip_tokenizer(texts: list[str], vocab_size: int = 400) -> CLIPTokenizer:
     """A minivlm byte-level BPE (minivlm.tokenizer.train_tokenizer) trained on the given texts."""
-    from ..data.tokenizer import train_tokenizer
+    from ..data.tool import train_tokenizer
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "captions.jsonl")
         with open(path, "w", encoding="utf-8") as f:
@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="seeds the weights, the scenes and the tokenizer corpus")
     t.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=False,
                    help="batches of scene groups that differ in one attribute (mostly one object's shape); "
-                        "measured: no better than plain batches at 500 steps (see README)")
+                        "measured: no better than plain batches at 500 steps (docs/benchmarks.md)")
     t.add_argument("--group-size", type=int, default=4, help="scenes per hard-negative group")
     t.add_argument("--short-captions", type=float, default=0.5, metavar="P",
                    help="probability of dropping the size words, and the position words, of a caption "

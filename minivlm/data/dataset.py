@@ -1,6 +1,6 @@
 """MiniMind-V datasets: one conversation (+ images) per sample -> tensors for training.
 
-Two file formats, picked by extension (`VLMDataset(path, ...)`):
+Two file formats, picked by extension (`parquet.open_dataset(path, ...)`):
   *.jsonl    one JSON object per line (this module), images in a folder beside it:
              {"conversations": [{"role": "user", "content": "<image>\\nWhat is this?"},
                                 {"role": "assistant", "content": "A cat."}], "image": "cat.jpg"}
@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..synthetic.attention import collate_looks
 from .processing import ImageLoadError, load_image, preprocess_image
 from .prompt import IGNORE_INDEX, IMAGE_MARKER, encode_chat
 
@@ -222,25 +221,22 @@ def _image_names(field):
 
 
 class VLMDataset(Dataset):
-    """A MiniMind-V jsonl file as a map-style dataset of `make_sample` dicts; a path ending in .parquet
-    gives a `parquet.ParquetVLMDataset` instead (same arguments, no images_dir or image_loader).
+    """A MiniMind-V jsonl file as a map-style dataset of `make_sample` dicts (a .parquet file is
+    `parquet.ParquetVLMDataset`'s; `parquet.open_dataset` picks by extension).
 
     The file is indexed by byte offsets at construction (no JSON parsing, so 595K lines take about
     a second) and each line is parsed only when asked for. `image_loader(path) -> PIL.Image` can
     be replaced, e.g. to read images from somewhere else.
     """
 
-    def __new__(cls, path=None, *args, **kwargs):
-        if cls is VLMDataset and path is not None and os.fspath(path).endswith(".parquet"):
-            from .parquet import ParquetVLMDataset  # imports pyarrow, which jsonl users need not install
-            cls = ParquetVLMDataset
-        return super().__new__(cls)
-
     features = None  # a features.FileFeatures: cached vision features replace the images (train --features)
 
     def __init__(self, jsonl_path, *, tokenizer, images_dir=None, max_length=640, run_length=196,
                  image_size=224, skip_bad=False, image_loader=load_image):
         self.path = os.fspath(jsonl_path)
+        if self.path.endswith(".parquet") and type(self) is VLMDataset:
+            raise DataError(f"{self.path}: a parquet file; read it with ParquetVLMDataset "
+                            f"(or parquet.open_dataset, which picks the reader by extension)")
         # images live beside the jsonl unless told otherwise
         self.images_dir = os.path.dirname(os.path.abspath(self.path)) if images_dir is None else os.fspath(images_dir)
         self.tokenizer, self.max_length, self.run_length = tokenizer, max_length, run_length
@@ -389,7 +385,6 @@ def collate_vlm(batch, pad_id=0):
         pixel_values    FloatTensor (B, N_max, 3, S, S), zero-padded; N_max may be 0
                         (or image_features (B, N_max, 196, 768) when the samples hold cached features)
         image_counts    LongTensor (B,), how many images of pixel_values[b] are real
-        look_rows, look_keys  only when the samples carry them (attn_supervision.collate_looks)
     """
     B = len(batch)
     T = max(len(s["input_ids"]) for s in batch)
@@ -409,7 +404,5 @@ def collate_vlm(batch, pad_id=0):
         out["attention_mask"][b, :t] = 1
         out[key][b, :n] = s[key]
         out["image_counts"][b] = n
-    if "look_rows" in batch[0]:  # --attn-sup: where each answer-predicting position should attend
-        out["look_rows"], out["look_keys"] = collate_looks(batch, T)
     return out
 

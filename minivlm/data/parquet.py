@@ -252,3 +252,11 @@ def repack(path, out, rows=256):
             writer.write_table(pa.Table.from_batches([batch]), row_group_size=rows)
             n += batch.num_rows
     return n
+
+
+def open_dataset(path, **kwargs) -> VLMDataset:
+    """A MiniMind-V data file as a dataset, by its extension: .parquet (images inside) or jsonl (images in
+    a folder, `images_dir`)."""
+    if os.fspath(path).endswith(".parquet"):
+        return ParquetVLMDataset(path, **kwargs)
+    return VLMDataset(path, **kwargs)

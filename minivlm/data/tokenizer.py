@@ -6,11 +6,9 @@ trained here with `train_tokenizer`). Ids 0/1/2 are `<|endoftext|>` (pad), `<|im
 of 196 of them stands for one image, and the VLM later finds these runs by id and overwrites their
 embeddings with the image features. How a conversation becomes text and ids is `prompt.py`'s job.
 
-Training a tokenizer:  python -m minivlm.tokenizer train --data A.jsonl --vocab-size 6400 --out DIR
+Training one on data files is `tool.py`'s job (`python -m minivlm.tokenizer train`); `train_bpe` is the core.
 """
 
-import argparse
-import json
 import os
 import re
 
@@ -107,47 +105,9 @@ class Tokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
-# ---------------------------------------------------------------------------------------------
-# Training
-
-
-def _samples(path):
-    """(where, parse) for every sample of a MiniMind-V jsonl or parquet file; parse() returns its
-    conversations (and raises on a malformed one, which the caller reports at `where`)."""
-    if os.fspath(path).endswith(".parquet"):
-        from .dataset import parse_conversations  # data.py builds on this module
-        from .parquet import iter_rows  # pyarrow only when needed
-        for row, record in iter_rows(path, columns=["conversations"]):
-            c = record["conversations"]
-            yield f"{path}: row {row}", lambda c=c: parse_conversations(c)
-        return
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                yield f"{path}:{line_no}", lambda line=line: json.loads(line)["conversations"]
-
-
-def _training_texts(files):
-    """Stream the text of every message in MiniMind-V jsonl or parquet files, one string per message."""
-    from .prompt import DEFAULT_SYSTEM_PROMPT, IMAGE_MARKER  # prompt.py builds on this module
-    for path in files:
-        for where, parse in _samples(path):
-            try:
-                texts = [f"{m['role']}\n{m['content']}" for m in parse()]
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{where}: not a MiniMind-V sample ({e})") from None
-            # Strip the image markers (they are not text) and every '@': with no '@' in the
-            # corpus, BPE never learns a merge involving it, so '@' stays one token forever.
-            for t in texts:
-                yield t.replace(IMAGE_MARKER, "").replace(PLACEHOLDER, "")
-        yield f"system\n{DEFAULT_SYSTEM_PROMPT}"  # the default system prompt is in every sample
-
-
-def train_tokenizer(files, vocab_size=6400, out_dir=None):
-    """Train a byte-level BPE on MiniMind-V jsonl or parquet files; returns a `Tokenizer` (saved if out_dir).
-
-    A small corpus may support fewer merges than asked for: check `.vocab_size` afterwards.
-    """
+def train_bpe(texts, vocab_size=6400) -> "Tokenizer":
+    """A byte-level BPE trained on an iterable of strings, with the three special tokens at ids 0, 1, 2.
+    The texts should hold no '@': then BPE learns no merge with it and '@' stays one token forever."""
     hf = _HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
@@ -157,34 +117,7 @@ def train_tokenizer(files, vocab_size=6400, out_dir=None):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: any text encodes
         show_progress=False,
     )
-    hf.train_from_iterator(_training_texts(files), trainer=trainer)
+    hf.train_from_iterator(texts, trainer=trainer)
     tok = Tokenizer(hf, source="trained tokenizer")
     tok.check_placeholder(196)
-    if out_dir is not None:
-        tok.save(out_dir)
-        tok.source = os.path.join(out_dir, "tokenizer.json")
     return tok
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m minivlm.tokenizer", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a byte-level BPE tokenizer on MiniMind-V jsonl or parquet files")
-    train.add_argument("--data", nargs="+", required=True, metavar="JSONL",
-                       help="one or more MiniMind-V jsonl or parquet files; the text of every message is used")
-    train.add_argument("--vocab-size", type=int, default=6400,
-                       help="target vocabulary size incl. 3 special tokens and 256 bytes (default 6400)")
-    train.add_argument("--out", required=True, metavar="DIR", help="folder to write tokenizer.json into")
-    args = parser.parse_args(argv)
-
-    from .prompt import chat_prompt  # prompt.py builds on this module
-
-    tok = train_tokenizer(args.data, vocab_size=args.vocab_size, out_dir=args.out)
-    print(f"wrote {os.path.join(args.out, 'tokenizer.json')}: vocab size {tok.vocab_size} "
-          f"(asked for {args.vocab_size})")
-    ids = chat_prompt(tok, [{"role": "user", "content": "What is in <image>?"}], run_length=4)
-    print(f"sample: {tok.decode(ids, skip_special_tokens=False)!r}\n  -> {len(ids)} ids: {ids}")
-
-
-if __name__ == "__main__":
-    main()

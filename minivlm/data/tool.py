@@ -1,4 +1,5 @@
-"""Look at a MiniMind-V data file before training on it: `python -m minivlm.data stats|preview FILE`.
+"""Look at a MiniMind-V data file before training on it (`python -m minivlm.data stats|preview|repack FILE`),
+and train a tokenizer on data files (`python -m minivlm.tokenizer train --data FILE... --out DIR`).
 
     stats FILE      rows, images per row, the text-only share, and token lengths (percentiles, and how many
                     samples --max-length would cut) over the first --limit rows
@@ -20,7 +21,9 @@ import numpy as np
 from PIL import Image
 
 from .dataset import DataError, parse_conversations
-from .prompt import IMAGE_MARKER, encode_chat
+from .parquet import image_list, iter_rows, repack
+from .prompt import DEFAULT_SYSTEM_PROMPT, IMAGE_MARKER, chat_prompt, encode_chat
+from .tokenizer import PLACEHOLDER, Tokenizer, train_bpe
 
 
 def _parse(text):
@@ -36,7 +39,6 @@ def records(path, with_images=False):
     conversations None where the JSON does not parse."""
     path = os.fspath(path)
     if path.endswith(".parquet"):
-        from .parquet import iter_rows, image_list
         columns = ["conversations", "image_bytes"] if with_images else ["conversations"]
         for row, record in iter_rows(path, columns=columns):
             c = record["conversations"]
@@ -125,11 +127,9 @@ def main(argv=None):
         if args.command == "stats":
             tok = None
             if args.tokenizer:
-                from .tokenizer import Tokenizer
                 tok = Tokenizer.from_file(args.tokenizer)
             print(stats(args.file, tok, args.run_length, args.max_length, args.limit))
         elif args.command == "repack":
-            from .parquet import repack
             print(f"wrote {args.out}: {repack(args.file, args.out, args.rows)} rows in groups of {args.rows}")
         else:
             print(f"wrote {args.out}:\n" + "\n".join(preview(args.file, args.out, args.n)))
@@ -137,3 +137,51 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Training a tokenizer on data files
+
+
+def training_texts(files):
+    """The text of every message in MiniMind-V jsonl or parquet files, one string per message, without
+    image markers and '@' (so that '@' stays one token), plus the default system prompt."""
+    for path in files:
+        for where, conversations, _ in records(path):
+            try:
+                texts = [f"{m['role']}\n{m['content']}" for m in conversations]
+            except (KeyError, TypeError) as e:  # conversations None: the JSON did not parse
+                raise ValueError(f"{where}: not a MiniMind-V sample ({type(e).__name__}: {e})") from None
+            for text in texts:
+                yield text.replace(IMAGE_MARKER, "").replace(PLACEHOLDER, "")
+        yield f"system\n{DEFAULT_SYSTEM_PROMPT}"  # the default system prompt is in every sample
+
+
+def train_tokenizer(files, vocab_size=6400, out_dir=None) -> Tokenizer:
+    """Train a byte-level BPE on MiniMind-V jsonl or parquet files; returns a `Tokenizer` (saved if out_dir).
+
+    A small corpus may support fewer merges than asked for: check `.vocab_size` afterwards.
+    """
+    tok = train_bpe(training_texts(files), vocab_size)
+    if out_dir is not None:
+        tok.save(out_dir)
+        tok.source = os.path.join(out_dir, "tokenizer.json")
+    return tok
+
+
+def tokenizer_main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m minivlm.tokenizer",
+                                     description="Train a byte-level BPE tokenizer for minivlm.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a byte-level BPE tokenizer on MiniMind-V jsonl or parquet files")
+    train.add_argument("--data", nargs="+", required=True, metavar="JSONL",
+                       help="one or more MiniMind-V jsonl or parquet files; the text of every message is used")
+    train.add_argument("--vocab-size", type=int, default=6400,
+                       help="target vocabulary size incl. 3 special tokens and 256 bytes (default 6400)")
+    train.add_argument("--out", required=True, metavar="DIR", help="folder to write tokenizer.json into")
+    args = parser.parse_args(argv)
+    tok = train_tokenizer(args.data, vocab_size=args.vocab_size, out_dir=args.out)
+    print(f"wrote {os.path.join(args.out, 'tokenizer.json')}: vocab size {tok.vocab_size} "
+          f"(asked for {args.vocab_size})")
+    ids = chat_prompt(tok, [{"role": "user", "content": "What is in <image>?"}], run_length=4)
+    print(f"sample: {tok.decode(ids, skip_special_tokens=False)!r}\n  -> {len(ids)} ids: {ids}")

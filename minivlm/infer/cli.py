@@ -145,7 +145,7 @@ def run(args) -> int:
     if os.path.abspath(args.weights) == DEMO_WEIGHTS and any(im.size != (96, 96) for _, im in loaded):
         # The shapes world renders 96 x 96 scenes; anything else is a photo or a drawing it never saw.
         print("note: the demo model knows only the synthetic shapes world; about other images it can only "
-              "speak the language of shapes (see the README)")
+              "speak the language of shapes (it was trained on nothing else)")
 
     if args.chat:
         name, image = loaded[0]

@@ -4,6 +4,11 @@ Input is a MiniMind-V jsonl whose last assistant turn is the reference answer; l
 "qtype" and "n_objects" (the synthetic world writes them) so accuracy can be broken down by question
 type and by how many objects the scene holds. A single average hides a model that answers about a
 random object: it scores 100% on one-object scenes and chance on three.
+
+An answer is right when it equals the reference after normalize_answer(), which forgives what a grader
+should forgive (case, punctuation, articles, digits, British/American spelling, a leading "in the").
+Rows of qtype "describe" (the shapes world's captions) also get per-attribute credit
+(`minivlm/synthetic/scoring.py`).
 """
 
 from __future__ import annotations
@@ -11,13 +16,15 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import sys
 
 from ..common import Progress
 from ..data.dataset import DataError, _image_names
 from .generate import SamplingConfig, answer_batch
 from ..data.processing import load_image
-from ..synthetic.scoring import format_report, normalize_answer, score
+from ..synthetic.scoring import describe_attributes
+from ..synthetic.world import QTYPES
 
 
 def read_questions(jsonl_path, images_dir=None):
@@ -96,4 +103,100 @@ def report(records, scores, n_mistakes=8) -> str:
         for r in mistakes:
             lines.append(f"  line {r['line']} [{r['qtype']}] {r['question']!r}: got {r['prediction']!r}, "
                          f"expected {r['answer']!r}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+_NUMBER_WORDS = "zero one two three four five six seven eight nine ten".split()
+_DIGITS = {str(i): w for i, w in enumerate(_NUMBER_WORDS)}
+_SPELLING = {"color": "colour", "colors": "colours", "centre": "center", "grey": "gray"}
+_ARTICLES = {"a", "an", "the"}
+
+
+def normalize_answer(s):
+    """Lowercase, drop punctuation and articles, collapse spaces, spell digits
+    as words ("2" -> "two"), unify spellings (color -> colour, centre -> center),
+    and drop one leading preposition so "in the center" == "center"."""
+    s = re.sub(r"[^\w\s]", " ", str(s).lower())
+    words = [_SPELLING.get(w, _DIGITS.get(w, w)) for w in s.split()]
+    words = [w for w in words if w not in _ARTICLES]
+    if len(words) > 1 and words[0] in ("at", "in", "on"):
+        words = words[1:]
+    return " ".join(words)
+
+
+def _acc(correct, total):
+    return {"correct": correct, "total": total, "acc": correct / total if total else 0.0}
+
+
+def score(records):
+    """Exact-match accuracy after normalize_answer.
+
+    records: dicts with 'qtype', 'n_objects', 'prediction', 'answer'.
+    Returns {"overall": {...}, "by_qtype": {qtype: {...}},
+             "by_qtype_nobj": {qtype: {n_objects: {...}}},
+             "describe_attributes": {...}  (only when there are describe records)}
+    where each {...} is {"correct", "total", "acc"}.
+    """
+    tally = {}  # (qtype, n_objects) -> [correct, total]
+    attr_tally = {}  # n_objects -> attribute -> [correct, possible]
+    for r in records:
+        ok = normalize_answer(r["prediction"]) == normalize_answer(r["answer"])
+        t = tally.setdefault((r["qtype"], int(r["n_objects"])), [0, 0])
+        t[0] += ok
+        t[1] += 1
+        if r["qtype"] == "describe":
+            per = attr_tally.setdefault(int(r["n_objects"]), {})
+            for attr, (c, p) in describe_attributes(r["prediction"], r["answer"]).items():
+                a = per.setdefault(attr, [0, 0])
+                a[0] += c
+                a[1] += p
+
+    by_qtype, by_nobj = {}, {}
+    for (q, n), (c, t) in sorted(tally.items()):
+        by_nobj.setdefault(q, {})[n] = _acc(c, t)
+        prev = by_qtype.get(q, {"correct": 0, "total": 0})
+        by_qtype[q] = _acc(prev["correct"] + c, prev["total"] + t)
+    out = {"overall": _acc(sum(c for c, _ in tally.values()), sum(t for _, t in tally.values())),
+           "by_qtype": by_qtype, "by_qtype_nobj": by_nobj}
+
+    if attr_tally:
+        def merge(dicts):
+            c = sum(a[0] for d in dicts for a in d.values())
+            p = sum(a[1] for d in dicts for a in d.values())
+            return _acc(c, p)
+        attrs = ("position", "colour", "shape", "size")
+        out["describe_attributes"] = {
+            "all": merge(attr_tally.values()),
+            "by_nobj": {n: merge([d]) for n, d in sorted(attr_tally.items())},
+            "by_attribute": {a: _acc(sum(d[a][0] for d in attr_tally.values()),
+                                     sum(d[a][1] for d in attr_tally.values())) for a in attrs},
+        }
+    return out
+
+
+def format_report(scores):
+    """A plain-text table: one row per question type, columns 1/2/3 objects and all."""
+    def cell(s):
+        return f"{100 * s['acc']:6.1f}" if s and s["total"] else "     -"
+
+    qtypes = sorted(scores["by_qtype"], key=lambda q: (QTYPES.index(q) if q in QTYPES else 99, q))
+    nobjs = sorted({n for q in qtypes for n in scores["by_qtype_nobj"][q]})
+    head = f"{'qtype':<22}" + "".join(f"{str(n) + ' obj':>8}" for n in nobjs) + f"{'all':>8}{'n':>7}"
+    lines = ["accuracy % (exact match after normalisation)", head, "-" * len(head)]
+    for q in qtypes:
+        row = f"{q:<22}" + "".join(f"{cell(scores['by_qtype_nobj'][q].get(n)):>8}" for n in nobjs)
+        lines.append(row + f"{cell(scores['by_qtype'][q]):>8}{scores['by_qtype'][q]['total']:>7}")
+    lines.append("-" * len(head))
+    o = scores["overall"]
+    lines.append(f"{'overall':<22}" + " " * (8 * len(nobjs)) + f"{cell(o):>8}{o['total']:>7}")
+    d = scores.get("describe_attributes")
+    if d:
+        row = f"{'describe (attributes)':<22}" + "".join(f"{cell(d['by_nobj'].get(n)):>8}" for n in nobjs)
+        lines.append(row + f"{cell(d['all']):>8}")
+        lines.append("   by attribute: " + ", ".join(f"{a} {100 * s['acc']:.1f}"
+                                                     for a, s in d["by_attribute"].items()))
     return "\n".join(lines)

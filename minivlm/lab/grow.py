@@ -10,7 +10,7 @@ there, and the gradient reaches the zeroed projections at once (their inputs are
 blocks come to life from the first step.
 
 Why: the demo's 4-layer decoder could not learn "Where is the <shape>?" about several objects in any
-budget we tried; grown by two blocks it did (README, "Round five"). The rest of the file (the
+budget we tried; grown by two blocks it did (docs/demo_history.md). The rest of the file (the
 embeddings, the projector, the vision tower saved beside it, the tokenizer) is carried over as is.
 """
 

@@ -35,7 +35,7 @@ Four probes, each on freshly drawn scenes (a seed no training run used):
                    colour is the cross? Answer: blue", and scored on held-out scenes every few hundred
                    steps, with one object and with several. It separates "cannot see" from "cannot look up".
 
-The README's "Why the demo could not answer ..." section was written from this output.
+Notebook 08 (`notebooks/08_when_a_vlm_does_not_look.ipynb`) runs these probes as a lesson.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from ..infer.generate import SamplingConfig, answer_batch, encode_batch, generat
 from ..infer.cli import DEMO_WEIGHTS
 from ..model.lm import MiniMindLM
 from ..data.prompt import IGNORE_INDEX, user_turn
-from ..synthetic.scoring import normalize_answer
+from ..infer.evaluate import normalize_answer
 from ..synthetic.world import (CELL_PHRASES, CELLS, COLOUR_NAMES, SHAPES, article, caption, questions, render,
                      sample_scene)
 from ..data.tokenizer import Tokenizer
@@ -376,7 +376,7 @@ def main(argv=None) -> int:
                     help="with --text-lookup: untied embeddings at unit scale instead of MiniMind's tied ones")
     ap.add_argument("--every", type=int, default=500, help="with --text-lookup: score every N steps")
     ap.add_argument("--binding", action="store_true",
-                    help="instead: the three probes of 'Where is ...?' (README, round five): does the answer depend "
+                    help="instead: the three probes of 'Where is ...?' (notebook 08): does the answer depend "
                          "on the question, whose cell does a forced caption write, where does the answer position look")
     args = ap.parse_args(argv)
     torch.manual_seed(0)

@@ -109,20 +109,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
-        self.qkv_proj = None  # set by fuse(): q, k and v in one matmul
-
-    def fuse(self):
-        """Inference: one matmul of width (H + 2 KV) * hd instead of three (fewer, larger kernels per
-        decode step). The checkpoint keys stay q/k/v_proj (see fuse_linears)."""
-        self.qkv_proj = fuse_linears(self, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0, output_attentions=False):
         """mask: None = plain causal, else bool (B or 1, 1, T, T_past + T), True = may attend."""
         B, T, _ = x.shape
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, *[self.n_kv * self.head_dim] * 2], -1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -160,42 +151,9 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=False)
         self.up_proj = nn.Linear(h, i, bias=False)
         self.down_proj = nn.Linear(i, h, bias=False)
-        self.gate_up_proj = None  # set by fuse()
-
-    def fuse(self):
-        """Inference: gate and up in one matmul (keys unchanged, see fuse_linears)."""
-        self.gate_up_proj = fuse_linears(self, ("gate_proj", "up_proj"), "gate_up_proj")
 
     def forward(self, x):
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-def fuse_linears(module: nn.Module, names: tuple, fused: str) -> nn.Linear:
-    """Replace module's bias-free Linears `names` by one whose weight is theirs stacked (returned, for
-    the caller to set as `fused`). state_dict() still writes, and load_state_dict() still reads, the
-    original keys: hooks split and join the stacked weight, so checkpoints never see the fusion."""
-    parts = [getattr(module, n).weight for n in names]
-    sizes = [p.shape[0] for p in parts]
-    layer = nn.Linear(parts[0].shape[1], sum(sizes), bias=False, device="meta")
-    layer.weight = nn.Parameter(torch.cat([p.detach() for p in parts]), requires_grad=parts[0].requires_grad)
-    for n in names:
-        delattr(module, n)
-
-    def split(mod, state_dict, prefix, local_metadata):
-        w = state_dict.pop(f"{prefix}{fused}.weight")
-        for n, piece in zip(names, w.split(sizes)):
-            state_dict[f"{prefix}{n}.weight"] = piece
-
-    def join(mod, state_dict, prefix, *args):
-        if all(f"{prefix}{n}.weight" in state_dict for n in names):
-            state_dict[f"{prefix}{fused}.weight"] = torch.cat([state_dict.pop(f"{prefix}{n}.weight") for n in names])
-
-    module.register_state_dict_post_hook(split)
-    module.register_load_state_dict_pre_hook(join)
-    return layer
 
 
 # "DeepSeekMoE: Towards Ultimate Expert Specialization", Dai et al. 2024 (routed + shared experts)
@@ -337,14 +295,6 @@ class MiniMindLM(nn.Module):
             # the context is ~0.3 % of the state, and "Is there a red star?" about one object stays at
             # chance for thousands of steps; untied at unit scale it reaches 70-90 % within 500-750.
             nn.init.normal_(self.model.embed_tokens.weight, mean=0.0, std=1.0)
-
-    def fuse_projections(self):
-        """For inference: q/k/v and gate/up of every layer in one matmul each (same keys, same
-        results up to float rounding). Call after loading; training keeps them apart."""
-        for m in self.modules():
-            if isinstance(m, (Attention, FeedForward)):
-                m.fuse()
-        return self
 
     @staticmethod
     def _init_weights(module):

@@ -3,7 +3,7 @@
 Every lookup question ("What colour is the star?", "Where is the red cross?", "Is there a blue
 circle?") is answered in two moves: find the object the question names, then read it. A small decoder
 trained from scratch learns the second move quickly and the first one only after thousands of steps
-stuck on a plateau, answering from a blend of all objects (README, "Why the demo could not answer…").
+stuck on a plateau, answering from a blend of all objects (notebooks/08_when_a_vlm_does_not_look.ipynb).
 In the synthetic world we know where every object is, so during training we can show one head the
 way: at every position that predicts an answer token, head `head` of decoder layer `layer` gets an
 extra loss, minus the log of the attention it pays to the image tokens of the object asked about:
@@ -47,7 +47,7 @@ def look_targets(question: str, scenes: list):
     if question == DIFF_QUESTION:
         # The missing object in the first image, or its now empty place in the second: in a causal decoder
         # only a token of the second image can see the first, so only there can "something was here" be
-        # computed. (Measured, README "Round six": the second image alone made diff perfect but left the head
+        # computed. (Measured, docs/demo_history.md: the second image alone made diff perfect but left the head
         # unable to select by colour.)
         first, second = scenes
         return [(i, o.cell) for o in first.objects if o not in second.objects for i in (0, 1)]

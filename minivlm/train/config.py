@@ -1,15 +1,19 @@
-"""What a training run is asked to do: the command line of `train_pretrain.py` / `train_sft.py` and
-the default recipe per stage and preset.
+"""What a training run is asked to do: `TrainConfig`, built once from the command line of
+`train_pretrain.py` / `train_sft.py`, filled from the recipe of its preset, checked, then passed down.
 
-A flag left at None takes the recipe's value. "real" is MiniMind-V's recipe for the 26M model on its
-data; "tiny" is the CPU recipe that trains a working VLM on the synthetic shapes world in minutes
-(it trains the vision tower too, since no pretrained CLIP is available offline).
+A flag left unset takes the recipe's value. "real" is MiniMind-V's recipe for its models on its data;
+"tiny" is the CPU recipe that trains a working VLM on the synthetic shapes world in minutes (it trains
+the vision tower too, since no pretrained CLIP is available offline). With `--data synthetic` the shapes
+world adds its own flags (`minivlm/synthetic/training.py`); plain training never loads it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import os
+from dataclasses import dataclass, field
 
 from ..common import UserError, positive_int
 
@@ -17,63 +21,106 @@ from ..common import UserError, positive_int
 # projector in pretraining, ~2e-5 in SFT, batch 16, max length 640 / 1536). "tiny": the offline CPU recipe.
 RECIPES = {
     ("pretrain", "real"): dict(lr=4e-4, batch_size=16, epochs=4, max_length=640, train_lm_layers=0,
-                               warmup_steps=0, train_vision=False, questions_per_image=1, multi_fraction=0.125),
+                               warmup_steps=0, train_vision=False),
     ("sft", "real"): dict(lr=2e-5, batch_size=16, epochs=2, max_length=1536, train_lm_layers=-1,
-                          warmup_steps=0, train_vision=False, questions_per_image=1, multi_fraction=0.125),
+                          warmup_steps=0, train_vision=False),
     ("pretrain", "tiny"): dict(lr=2e-3, batch_size=32, epochs=1, max_length=128, train_lm_layers=-1,
-                               warmup_steps=100, train_vision=True, vision_lr=5e-4, data="synthetic",
-                               max_steps=1200, synthetic_samples=1_000_000, questions_per_image=1,
-                               multi_fraction=0.125),
+                               warmup_steps=100, train_vision=True, vision_lr=5e-4, data=["synthetic"],
+                               max_steps=1200),
     ("sft", "tiny"): dict(lr=1e-3, batch_size=32, epochs=1, max_length=160, train_lm_layers=-1,
-                          warmup_steps=50, train_vision=True, vision_lr=3e-4, data="synthetic",
-                          max_steps=3500, synthetic_samples=1_000_000, questions_per_image=4,
-                          multi_fraction=0.2),
+                          warmup_steps=50, train_vision=True, vision_lr=3e-4, data=["synthetic"],
+                          max_steps=3500),
 }
+PRESETS = ("26m", "104m", "26m-moe", "tiny")
 
 
-def qtype_weights(text: str) -> str:
-    """argparse type: 'exists=1.5,colour=2' -> 'colour=2.0,exists=1.5' (checked, in a canonical order, and a
-    string, so that the resume state records it); parse_qtype_weights turns it into a dict."""
-    return ",".join(f"{k}={v}" for k, v in sorted(parse_qtype_weights(text).items()))
+@dataclass
+class TrainConfig:
+    """One training run. Every field is a flag of the same name (`--batch-size` -> batch_size)."""
+    stage: str  # "pretrain" | "sft"
+    preset: str = "26m"
+    data: list = field(default_factory=list)  # .jsonl / .parquet paths, or ["synthetic"]
+    images: str | None = None
+    tokenizer: str | None = None
+    vision: str | None = None
+    out: str = "out"
+    from_lm: str | None = None  # pretrain only
+    untied_embeddings: bool = False  # pretrain only
+    init: str | None = None  # sft only
+    train_lm_layers: int = 0
+    train_vision: bool = False
+    features: str | None = None
+    group_by_length: bool = False
+    lr: float = 4e-4
+    vision_lr: float | None = None
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 16
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    max_length: int = 640
+    dropout: float | None = None
+    skip_bad: bool = False
+    dtype: str = "auto"
+    device: str | None = None
+    compile: bool = False
+    num_workers: int | None = None
+    threads: int | None = None
+    seed: int = 0
+    log_every: int = 20
+    save_every: int = 500
+    resume: bool = False
+    # The shapes world's own options (--data synthetic only), kept as plain data so that this module
+    # never imports the world; minivlm/synthetic/training.py defines, fills and checks them.
+    shapes: dict = field(default_factory=dict)
+
+    @property
+    def synthetic(self) -> bool:
+        return self.data == ["synthetic"]
+
+    def record(self) -> dict:
+        """The flags as one flat dict of plain values: what the resume state stores and compares."""
+        flat = {k: v for k, v in dataclasses.asdict(self).items() if k != "shapes"}
+        return {**flat, **self.shapes}
+
+    def check(self):
+        """Ranges that argparse's types cannot say; a UserError names the flag."""
+        def need(ok, flag, value, what):
+            if not ok:
+                raise UserError(f"--{flag} {value}: {what}")
+        finite = lambda x: x is not None and math.isfinite(x)
+        need(finite(self.lr) and self.lr > 0, "lr", self.lr, "expected a positive number")
+        need(finite(self.vision_lr) and self.vision_lr >= 0, "vision-lr", self.vision_lr,
+             "expected a number >= 0")
+        need(finite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min-lr-ratio", self.min_lr_ratio,
+             "expected a fraction from 0 to 1")
+        need(finite(self.weight_decay) and self.weight_decay >= 0, "weight-decay", self.weight_decay,
+             "expected a number >= 0")
+        need(finite(self.grad_clip) and self.grad_clip >= 0, "grad-clip", self.grad_clip, "expected >= 0 (0 = off)")
+        need(self.warmup_steps >= 0, "warmup-steps", self.warmup_steps, "expected an integer >= 0")
+        need(self.max_length >= 1, "max-length", self.max_length, "expected an integer >= 1")
+        need(self.dropout is None or (finite(self.dropout) and 0 <= self.dropout < 1), "dropout", self.dropout,
+             "expected a probability from 0 to below 1")
+        need(self.num_workers is None or self.num_workers >= 0, "num-workers", self.num_workers,
+             "expected an integer >= 0")
+        need(self.threads is None or self.threads >= 1, "threads", self.threads, "expected an integer >= 1")
+        need(self.train_lm_layers >= -1, "train-lm-layers", self.train_lm_layers,
+             "expected -1 (all), 0 (none) or a number of layers")
+        if not self.data:
+            raise UserError(f"--data is required for preset {self.preset} (a MiniMind-V jsonl or parquet file)")
+        if "synthetic" in self.data and len(self.data) > 1:
+            raise UserError("--data synthetic cannot be mixed with files")
+        if self.synthetic and self.features:
+            raise UserError("--features works with --data files, not synthetic data (made on the fly)")
 
 
-def parse_qtype_weights(text: str) -> dict:
-    """'colour=2,exists=1.5' -> {"colour": 2.0, "exists": 1.5} (the SFT question types but describe)."""
-    from ..synthetic.world import QTYPES
-    types = [t for t in QTYPES if t not in ("describe", "diff")]
-    weights = {}
-    for item in filter(None, text.split(",")):
-        name, _, value = item.partition("=")
-        if name.strip() not in types:
-            raise argparse.ArgumentTypeError(f"unknown question type {name.strip()!r} (choose from {', '.join(types)})")
-        try:
-            weights[name.strip()] = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{item!r}: expected TYPE=NUMBER") from None
-        if weights[name.strip()] < 0:
-            raise argparse.ArgumentTypeError(f"{item!r}: a weight cannot be negative")
-    return weights
-
-
-def fraction(text: str) -> float:
-    """argparse type: a number from 0 to 1."""
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text}: expected a fraction from 0 to 1")
-    return value
-
-
-def build_parser(stage: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=f"train_{stage}.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description=("Stage 1: caption pretraining (projector trained; CLIP frozen unless --train-vision)."
-                     if stage == "pretrain" else
-                     "Stage 2: instruction tuning (projector + whole decoder trained; CLIP frozen unless "
-                     "--train-vision).")
-        + " Flags left at None take the recipe default of --preset (26m/104m/26m-moe: MiniMind-V's "
-          "recipe on real data; tiny: the offline CPU recipe on the synthetic world).")
+def add_flags(p: argparse.ArgumentParser, stage: str):
+    """The flags of every run; a flag left at None takes the preset's recipe value."""
     a = p.add_argument
-    a("--preset", default="26m", choices=["26m", "104m", "26m-moe", "tiny"], help="model size")
+    a("--preset", default="26m", choices=PRESETS, help="model size")
     a("--data", default=None, nargs="+", metavar="FILE",
       help="MiniMind-V data: .jsonl files (images in --images) and/or .parquet files (pretrain_i2t.parquet, "
            "sft_i2t.parquet: images inside), or 'synthetic' to render shapes scenes on the fly")
@@ -86,7 +133,7 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
         a("--from-lm", default=None, help="initialise the decoder from a MiniMind LM .pth (else random)")
         a("--untied-embeddings", action="store_true",
           help="a fresh decoder whose lm_head is not its embedding matrix, embeddings at unit scale "
-               "(LMConfig.tie_word_embeddings=False; see the README on why the demo could not answer yes/no)")
+               "(LMConfig.tie_word_embeddings=False)")
     else:
         a("--init", default=None, help="checkpoint to start from (default: the pretrain output in --out)")
     a("--train-lm-layers", type=int, default=None,
@@ -97,6 +144,11 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
       help="a store of the frozen tower's output (python -m minivlm.features): images are neither decoded nor encoded")
     a("--group-by-length", action=argparse.BooleanOptionalAction, default=False,
       help="batches of samples of similar length (less padding; LLaVA's group_by_modality_length idea)")
+
+
+def add_optimisation_flags(p: argparse.ArgumentParser):
+    """How long, how big and how fast: the step budget, the batch and the optimiser."""
+    a = p.add_argument
     a("--vision-lr", type=float, default=None, help="learning rate of the vision tower (default: --lr)")
     a("--epochs", type=positive_int, default=None, help="passes over the data")
     a("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps (budget in steps)")
@@ -107,33 +159,19 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     a("--min-lr-ratio", type=float, default=0.1, help="the cosine decays to lr * this")
     a("--weight-decay", type=float, default=0.01, help="AdamW weight decay (never on norms and biases)")
     a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
-    a("--max-length", type=int, default=None, help="tokens per sample; a longer one is cut before the first image run that does not fit "
-                                                     "(that image and all after it dropped), or skipped and counted "
-                                                     "when no answer token would be left")
+    a("--max-length", type=int, default=None,
+      help="tokens per sample; a longer one is cut before the first image run that does not fit (that image "
+           "and all after it dropped), or skipped and counted when no answer token would be left")
     a("--dropout", type=float, default=None,
       help="dropout in the decoder while training (default: the preset's, 0; SFT: the initial checkpoint's)")
     a("--skip-bad", action="store_true",
       help="skip (and count) bad samples instead of stopping at the first; samples with no answer token "
            "left within --max-length are always skipped and counted")
-    a("--synthetic-samples", type=int, default=None, help="with --data synthetic: samples per epoch")
-    a("--describe-weight", type=float, default=0.2,
-      help="with --data synthetic (SFT): odds of a 'describe' question relative to each other question type")
-    a("--qtype-weights", type=qtype_weights, default="", metavar="TYPE=W,...",
-      help="with --data synthetic (SFT): odds of other question types relative to the rest (default 1 each), "
-           "e.g. colour=2,position=2,exists=2,count=0.5 (describe: --describe-weight)")
-    a("--multi-fraction", type=fraction, default=None,
-      help="with --data synthetic (SFT): the share of samples that ask about two images (0 = none; default: "
-           "the preset's: tiny 0.2, else 0.125)")
-    a("--questions-per-image", type=positive_int, default=None,
-      help="with --data synthetic (SFT): questions about one image in one conversation, each answer trained "
-           "(more supervision per image forward; default: the preset's: tiny 4, else 1)")
-    if stage == "sft":
-        a("--attn-sup", type=float, default=None, metavar="WEIGHT",
-          help="attention supervision (with --data synthetic): add WEIGHT x (minus the log of the attention that "
-               "one head pays to the object each question is about) to the loss, at every position that predicts "
-               "an answer token; 0 = off (default: the preset's: tiny 1, else 0; see minivlm/attn_supervision.py)")
-        a("--attn-sup-layer", type=int, default=1, help="with --attn-sup: the decoder layer (0-based) of the supervised head")
-        a("--attn-sup-head", type=int, default=0, help="with --attn-sup: the supervised query head of that layer")
+
+
+def add_run_flags(p: argparse.ArgumentParser):
+    """Where and how the run computes, logs and saves."""
+    a = p.add_argument
     a("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
       help="compute dtype (autocast); auto = bf16 on a GPU that supports it, else fp32")
     a("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
@@ -145,28 +183,50 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     a("--log-every", type=positive_int, default=20, help="log every N optimizer steps")
     a("--save-every", type=positive_int, default=500, help="save a checkpoint every N optimizer steps (and at the end)")
     a("--resume", action="store_true", help="continue from --out's resume state, exactly")
-    a("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill at step k
+
+
+def build_parser(stage: str, add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"train_{stage}.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter, add_help=add_help,
+        description=("Stage 1: caption pretraining (projector trained; CLIP frozen unless --train-vision)."
+                     if stage == "pretrain" else
+                     "Stage 2: instruction tuning (projector + whole decoder trained; CLIP frozen unless "
+                     "--train-vision).")
+        + " Flags left at None take the recipe default of --preset (26m/104m/26m-moe: MiniMind-V's "
+          "recipe on real data; tiny: the offline CPU recipe on the synthetic world).",
+        epilog="With --data synthetic (the default of --preset tiny) the shapes world adds its own flags: "
+               f"see `python train_{stage}.py --preset tiny --help`.")
+    add_flags(p, stage)
+    add_optimisation_flags(p)
+    add_run_flags(p)
     return p
 
 
-def resolve(stage: str, args) -> argparse.Namespace:
-    """Fill flags left at None from the recipe of --preset."""
-    recipe = RECIPES[(stage, "tiny" if args.preset == "tiny" else "real")]
+def parse(stage: str, argv=None) -> TrainConfig:
+    """The command line -> a checked TrainConfig (argparse errors exit with status 2, as usual)."""
+    known, _ = build_parser(stage, add_help=False).parse_known_args(argv)
+    recipe = RECIPES[(stage, "tiny" if known.preset == "tiny" else "real")]
+    parser = build_parser(stage)
+    world = None
+    if (known.data or recipe.get("data")) == ["synthetic"]:
+        # The shapes world brings its own flags; importing it here, only for its data, keeps plain training
+        # free of it.
+        from ..synthetic import training as world
+        world.add_flags(parser, stage)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}"
+                     + ("" if world else " (the shapes world's flags need --data synthetic)"))
+    values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
     for k, v in recipe.items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    synthetic = args.data in ("synthetic", ["synthetic"])
-    if stage == "sft" and args.attn_sup is None:  # only the shapes world knows where each object is
-        args.attn_sup = 1.0 if args.preset == "tiny" and synthetic else 0.0
-    if getattr(args, "attn_sup", 0) < 0:
-        raise UserError(f"--attn-sup {args.attn_sup}: a weight cannot be negative (0 = off)")
-    if getattr(args, "attn_sup", 0) and not synthetic:
-        raise UserError("--attn-sup needs --data synthetic: only the generated shapes world says where each "
-                        "object is (pass --attn-sup 0 for other data)")
-    if args.vision_lr is None:
-        args.vision_lr = args.lr
-    if args.data is None:
-        raise UserError(f"--data is required for preset {args.preset} (a MiniMind-V jsonl file)")
-    if args.tokenizer is None:
-        args.tokenizer = os.path.join(args.out, "tokenizer.json")
-    return args
+        if values.get(k) is None:
+            values[k] = v
+    cfg = TrainConfig(stage=stage, **values)
+    if cfg.vision_lr is None:
+        cfg.vision_lr = cfg.lr
+    if cfg.tokenizer is None:
+        cfg.tokenizer = os.path.join(cfg.out, "tokenizer.json")
+    cfg.check()
+    if world:
+        cfg.shapes = world.options(args, stage, cfg.preset)
+    return cfg

@@ -31,7 +31,8 @@ import torch
 
 from ..model.checkpoint import sha256_of
 from ..common import DTYPES, Progress, UserError, atomic_write, one_line, positive_int, resolve_device
-from ..data.dataset import DataError, VLMDataset
+from ..data.dataset import DataError
+from ..data.parquet import open_dataset
 from ..data.processing import preprocess_image
 from ..model.vision import CLIPVisionModel, clip_weights_file
 from ..model.weights import WeightsError
@@ -140,15 +141,13 @@ def attach(store: FeatureStore, dataset):
         part.features = store.for_file(k)
 
 
-def use_store(args, dataset, vision_config, data_paths):
+def use_store(cfg, dataset, vision_config, data_paths):
     """train --features: refuse what a cache cannot serve, check the store fits the run, attach it."""
-    if args.train_vision:
+    if cfg.train_vision:
         raise UserError("--features replaces the vision tower by its cached output, so the tower cannot be "
                         "trained: drop --train-vision (or --features)")
-    if data_paths == ["synthetic"]:
-        raise UserError("--features works with --data files, not synthetic data (made on the fly)")
-    store = FeatureStore(args.features)
-    store.check(args.vision, vision_config, data_paths)
+    store = FeatureStore(cfg.features)
+    store.check(cfg.vision, vision_config, data_paths)
     attach(store, dataset)
 
 
@@ -189,7 +188,7 @@ def encode_batches(datasets, tower, image_size, batch_size, device):
 def build_store(data_paths, images_dir, vision_folder, out, dtype="fp16", batch_size=32, device="cpu"):
     tower = CLIPVisionModel.from_pretrained(vision_folder).to(device).eval()
     c = tower.config
-    datasets = [VLMDataset(p, tokenizer=None, **({} if p.endswith(".parquet") else {"images_dir": images_dir}))
+    datasets = [open_dataset(p, tokenizer=None, **({} if p.endswith(".parquet") else {"images_dir": images_dir}))
                 for p in data_paths]
     n = sum(len(d) for d in datasets)
     os.makedirs(out, exist_ok=True)

@@ -1,5 +1,6 @@
-"""The optimizer side of training, shared by the VLM loop (`train.py`) and CLIP's (`clip_train.py`):
-AdamW parameter groups with and without weight decay, and the warm-up + cosine learning-rate schedule.
+"""What is trained and how fast: the freeze policy of each stage (`set_trainable`), AdamW parameter groups
+with and without weight decay, and the warm-up + cosine learning-rate schedule. The VLM loop (`loop.py`)
+and CLIP's (`minivlm/clip/train.py`) share the optimizer side.
 """
 
 from __future__ import annotations
@@ -63,3 +64,28 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.01
     lr_of = {"vision_encoder.": vision_lr} if vision_lr is not None else None
     groups = param_groups(model, weight_decay, lr, lr_of)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused)
+
+
+def set_trainable(model, stage: str, train_lm_layers: int, train_vision: bool):
+    """Freeze everything, then unfreeze what this stage trains."""
+    model.requires_grad_(False)
+    model.vision_proj.requires_grad_(True)
+    if stage == "sft" or train_lm_layers < 0:
+        model.model.requires_grad_(True)  # includes the embeddings (and, when tied, the output layer)
+        model.lm_head.requires_grad_(True)  # an untied output layer lives outside model.model
+    elif train_lm_layers > 0:
+        for layer in model.model.layers[-train_lm_layers:]:
+            layer.requires_grad_(True)
+    if train_vision:
+        for module in model.vision_encoder.feature_modules():
+            module.requires_grad_(True)
+
+
+def trainable_counts(model) -> dict:
+    counts = {"vision": 0, "projector": 0, "lm": 0}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            part = "vision" if name.startswith("vision_encoder.") else (
+                "projector" if name.startswith("vision_proj.") else "lm")
+            counts[part] += p.numel()
+    return counts

@@ -36,8 +36,7 @@ CSV_FIELDS = ["epoch", "step", "total_steps", "loss", "lr", "samples_per_s", "to
 
 # The flags that fix the data order and the step count (plus the process count, recorded as "world").
 RESUME_FLAGS = ("preset", "data", "images", "batch_size", "grad_accum", "epochs", "max_steps", "seed",
-                "max_length", "synthetic_samples", "describe_weight", "qtype_weights", "questions_per_image",
-                "multi_fraction", "world", "group_by_length", "untied_embeddings")
+                "max_length", "world", "group_by_length", "untied_embeddings")  # + every shapes-world option
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,15 +71,15 @@ def check_out(out):
         raise UserError(f"--out {out}: cannot write there ({e.strerror or type(e).__name__})") from None
 
 
-def prepare_out(args, paths: Paths, step: int):
+def prepare_out(cfg, paths: Paths, step: int):
     """Make the output folder self-contained (a copy of the tokenizer) and start the CSV log (on resume,
     keep the rows up to `step`: later ones are redone)."""
     remove_stale_tmp(paths.out)
-    tok_file = os.path.join(args.tokenizer, "tokenizer.json") if os.path.isdir(args.tokenizer) else args.tokenizer
+    tok_file = os.path.join(cfg.tokenizer, "tokenizer.json") if os.path.isdir(cfg.tokenizer) else cfg.tokenizer
     tok_copy = os.path.join(paths.out, "tokenizer.json")
     if os.path.abspath(tok_file) != os.path.abspath(tok_copy):
         shutil.copyfile(tok_file, tok_copy)
-    if not args.resume or not os.path.isfile(paths.csv):
+    if not cfg.resume or not os.path.isfile(paths.csv):
         with open(paths.csv, "w", newline="") as f:
             csv.writer(f).writerow(CSV_FIELDS)
     else:
@@ -91,7 +90,7 @@ def prepare_out(args, paths: Paths, step: int):
 class Saver:
     """Everything `save` needs besides the model and the step."""
     stage: str
-    args: object
+    cfg: object  # the run's TrainConfig
     paths: Paths
     world: int
     q_first: bool
@@ -111,13 +110,13 @@ def save(sv: Saver, model, optimizer, scaler, step, final=False):
 
 def write_save(sv: Saver, model, optimizer, scaler, step, rngs, final):
     vision_dir = None
-    if sv.args.train_vision:  # a trained tower must travel with the checkpoint
+    if sv.cfg.train_vision:  # a trained tower must travel with the checkpoint
         vision_dir = os.path.join(sv.paths.out, f"{sv.stage}_vision")
         model.vision_encoder.save_pretrained(vision_dir)
     save_vlm(model, sv.paths.ckpt, vision_folder=vision_dir, question_first=sv.q_first, step=step,
              tokenizer_vocab_size=sv.vocab)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "step": step, "rng": rngs, "args": {**plain_args(sv.args), "world": sv.world}}
+             "step": step, "rng": rngs, "args": {**sv.cfg.record(), "world": sv.world}}
     atomic_write(sv.paths.resume, lambda f: torch.save(state, f))
     print0(f"saved {sv.paths.ckpt}" + (" (final)" if final else f" at step {step}"))
 
@@ -209,13 +208,6 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def plain_args(args) -> dict:
-    """vars(args) with only JSON-able values (what the resume state records): scalars and lists of them."""
-    scalar = (type(None), bool, int, float, str)
-    return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in vars(args).items()
-            if isinstance(v, scalar) or (isinstance(v, (list, tuple)) and all(isinstance(x, scalar) for x in v))}
-
-
 # ---------------------------------------------------------------------------------------------
 # Reading and checking the resume state
 
@@ -238,9 +230,9 @@ def load_resume(path) -> dict:
     return state
 
 
-def changed_flags(saved: dict, args, world: int) -> list[str]:
-    """'--flag old -> new' for every flag of RESUME_FLAGS that differs from the saved run."""
-    now = {**vars(args), "world": world}
+def changed_flags(saved: dict, cfg, world: int) -> list[str]:
+    """'--flag old -> new' for every flag of RESUME_FLAGS (and of the shapes world) that differs from the saved run."""
+    now = {**cfg.record(), "world": world}
 
     def norm(k, v):  # a path given relative one time and absolute the next is the same path
         if k not in ("data", "images") or v is None:
@@ -249,25 +241,25 @@ def changed_flags(saved: dict, args, world: int) -> list[str]:
         return [p if p == "synthetic" else os.path.abspath(p) for p in paths]
 
     changed = []
-    for k in RESUME_FLAGS:
+    for k in RESUME_FLAGS + tuple(cfg.shapes):
         if k in saved and norm(k, saved[k]) != norm(k, now.get(k)):
             name = "processes (WORLD_SIZE)" if k == "world" else "--" + k.replace("_", "-")
             changed.append(f"{name} {saved[k]} -> {now.get(k)}")
     return changed
 
 
-def check_resume_args(path, saved: dict, args, world: int):
-    changed = changed_flags(saved, args, world)
+def check_resume_args(path, saved: dict, cfg, world: int):
+    changed = changed_flags(saved, cfg, world)
     if changed:
         raise UserError(f"{path}: --resume with different settings than the run it continues: "
                         f"{'; '.join(changed)} (they decide the data order and step count; use the old "
                         f"values, or a new --out)")
 
 
-def restore(resume_path, args, world: int, model, optimizer, scaler) -> int:
+def restore(resume_path, cfg, world: int, model, optimizer, scaler) -> int:
     """Load the resume state into model, optimizer, scaler and the RNGs; returns the step reached."""
     state = load_resume(resume_path)
-    check_resume_args(resume_path, state["args"], args, world)
+    check_resume_args(resume_path, state["args"], cfg, world)
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
