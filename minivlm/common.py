@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import shutil
 import sys
 import time
 
@@ -185,6 +186,8 @@ def atomic_write(path, data):
     `data` is bytes, a list of byte strings, or a function that writes into the open binary file
     (e.g. `lambda f: torch.save(obj, f)`). The bytes go to a temporary file beside `path`, are
     flushed to disk, and the file is renamed over `path`; the temporary file is removed on failure.
+    An OSError (a full disk, no permission) is raised again naming `path`, not the temporary file:
+    that is the file the user asked for, and `write_error` turns it into their one-line message.
     """
     path = os.fspath(path)
     tmp = f"{path}.tmp{os.getpid()}"
@@ -198,7 +201,44 @@ def atomic_write(path, data):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        # A write's error (open, write, fsync, rename of the temporary file): named by `path`. An error
+        # that names another file (an input `data` was reading) keeps its name.
+        if isinstance(e, OSError) and e.errno is not None and e.filename in (None, tmp):
+            raise OSError(e.errno, e.strerror, path) from None  # errno picks the subclass (PermissionError, …)
+        raise
+
+
+def atomic_copy(src, dst):
+    """Copy the file `src` to `dst` through atomic_write (a crash leaves the old `dst` or the new one)."""
+    with open(src, "rb") as f:
+        atomic_write(dst, lambda out: shutil.copyfileobj(f, out, 1 << 20))
+
+
+def atomic_link(src, dst):
+    """Make `dst` the file `src` in one rename: a hard link when the file system has them (no copy of a
+    big checkpoint, no second copy on disk), else an atomic_copy. `src` itself is never touched."""
+    tmp = f"{os.fspath(dst)}.tmp{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:  # no hard links here (FAT, some network file systems): copy instead
+        atomic_copy(src, dst)
+        return
+    try:
+        os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def write_error(error: OSError, path=None) -> str:
+    """An OSError as the one line a command prints: the file, then the system's reason
+    ('out/v.parquet: No space left on device'), without errno numbers or temporary names."""
+    name = error.filename if error.filename is not None else path
+    reason = error.strerror or one_line(error) or type(error).__name__
+    return f"{name}: {reason}" if name is not None else reason

@@ -204,6 +204,7 @@ def test_bad_requests_get_json_errors_and_the_server_lives_on(server):
         (404, ("GET", "/nope", None)), (404, ("GET", "/../minivlm/web.py", None)),
         (404, ("GET", "/%2e%2e/README.md", None)), (404, ("GET", "/web_static/../web.py", None)),
         (404, ("GET", "/api/../../setup.py", None)), (404, post("/api/nothing", {})), (405, ("PUT", "/", "")),
+        (405, ("DELETE", "/api/chat", "")),
         (400, chat(sampling={"temperature": -1})), (400, chat(sampling={"temperature": "hot"})),
         (400, post("/api/chat", json.dumps({"messages": ok_msgs, "sampling": {"temperature": float("nan")}}))),
         (400, chat(sampling={"top_p": 0})), (400, chat(sampling={"top_k": 1.5})), (400, chat(sampling={"top_k": True})),
@@ -232,6 +233,130 @@ def test_bad_requests_get_json_errors_and_the_server_lives_on(server):
         got, reply = raw_request(port, req.encode())
         assert got == status and reply["error"], (req, got, reply)
     assert request(port, "GET", "/api/info")[1]["image_size"] == app.image_size
+
+
+def test_malformed_bodies_get_400_not_500(server):
+    """What once reached a 500: a data URL without its comma, a 400-digit integer, JSON nested 10 KB deep, half a
+    UTF-16 surrogate pair in the text. Each is the client's mistake: a 400 that says what is wrong."""
+    _, port = server
+    img = upload(port)
+    ok_msgs = [{"role": "user", "text": QUESTION, "images": [img["id"]]}]
+    huge = "9" * 400
+    cases = [
+        ("/api/image", json.dumps({"data": "data:image/png;base64", "name": "a.png"}), "comma"),
+        ("/api/image", json.dumps({"data": "data:image/png," + b64(b"x"), "name": "a.png"}), "base64"),
+        ("/api/chat", '{"messages": %s, "sampling": {"max_new_tokens": %s}}' % (json.dumps(ok_msgs), huge), "max_new_tokens"),
+        ("/api/chat", '{"messages": %s, "sampling": {"temperature": -%s}}' % (json.dumps(ok_msgs), huge), "temperature"),
+        ("/api/chat", '{"messages": %s, "sampling": {"seed": %s}}' % (json.dumps(ok_msgs), huge), "seed"),
+        ("/api/chat", '{"messages": ' + "[" * 10000 + "]" * 10000 + "}", "nests"),
+        ("/api/chat", "[" * 10000, "nests"),
+        ("/api/chat", r'{"messages": [{"role": "user", "text": "a \ud800 b"}]}', "surrogate"),
+        ("/api/image", r'{"data": "%s", "name": "\udfff.png"}' % b64(b"x"), "surrogate"),
+    ]
+    for path, body, word in cases:
+        got, reply = request(port, "POST", path, body)
+        assert got == 400 and word in reply["error"], (body[:80], got, reply)
+        assert len(reply["error"]) < 300 and "\n" not in reply["error"]  # one line, and not the 400 digits
+    assert request(port, "GET", "/api/info")[0] == 200
+
+
+def test_unreadable_upload_is_named_by_its_file_name(server):
+    _, port = server
+    got, reply = request(port, "POST", "/api/image", {"data": b64(b"certainly not an image"), "name": "holiday.jpg"})
+    assert got == 400 and reply["error"].startswith("holiday.jpg ") and "BytesIO" not in reply["error"], reply
+    got, reply = request(port, "POST", "/api/image", {"data": b64(png_header(20000, 20000)), "name": "big.png"})
+    assert got == 413 and "big.png" in reply["error"] and "BytesIO" not in reply["error"], reply
+
+
+def test_upload_limit_is_one_number_the_server_reports(server):
+    """The page checks files against limits.max_upload_bytes; a file of exactly that size, sent the way the page
+    sends it (a data URL in JSON, a long name), fits the body limit, and one byte more is refused, by name."""
+    app, port = server
+    limits = request(port, "GET", "/api/info")[1]["limits"]
+    assert limits["max_upload_bytes"] == web.MAX_UPLOAD_BYTES and limits["max_upload"] == "15 MB"
+    body = json.dumps({"data": "data:image/jpeg;base64," + b64(bytes(web.MAX_UPLOAD_BYTES)), "name": "\u00e9" * 255})
+    assert len(body.encode()) <= limits["max_body_bytes"]
+    with pytest.raises(web.HTTPError) as e:
+        app.add_image({"data": b64(bytes(web.MAX_UPLOAD_BYTES + 1)), "name": "photo.jpg"})
+    assert e.value.status == 413 and str(e.value) == "photo.jpg is 15.0 MB; the limit is 15 MB"
+    with pytest.raises(web.HTTPError) as e:
+        app.add_image({"data": "data:image/jpeg;base64," + b64(bytes(18_200_000)), "name": "photo.jpg"})
+    assert e.value.status == 413 and str(e.value) == "photo.jpg is 18.2 MB; the limit is 15 MB"
+
+
+def test_demo_model_notes_images_outside_the_shapes_world(server):
+    app, port = server
+    assert app.demo and request(port, "GET", "/api/info")[1]["demo"] is True
+    for name, noted in (("shapes_3.png", False), ("photo_cat.jpg", True)):
+        got, img = request(port, "POST", "/api/image", {"sample": name})
+        assert got == 200 and (img["note"] is not None) == noted, img
+        if noted:
+            assert "knows only the synthetic shapes world" in img["note"]
+
+
+def test_methods_get_405_with_allow_and_head_is_get_without_a_body(server):
+    _, port = server
+    for method, path, allow in [("DELETE", "/", "GET, HEAD"), ("PATCH", "/api/info", "GET, HEAD"),
+                                ("PUT", "/api/chat", "POST"), ("DELETE", "/api/image", "POST"),
+                                ("GET", "/api/chat", "POST"), ("POST", "/", "GET, HEAD")]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request(method, path, body="{}", headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        reply = json.loads(r.read())
+        conn.close()
+        assert r.status == 405 and r.getheader("Allow") == allow, (method, path, r.status, r.getheader("Allow"))
+        assert f"method {method} is not allowed on {path}" in reply["error"], reply
+    for path, status, kind in [("/", 200, "text/html"), ("/api/info", 200, "application/json"),
+                               ("/nope", 404, "application/json"), ("/api/chat", 405, "application/json")]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", path)
+        full = conn.getresponse().read()
+        conn.close()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:  # http.client never reads a HEAD body
+            s.sendall(f"HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:])
+        assert int(head.split()[1]) == status and body == b"" and headers["Content-Type"].startswith(kind), (path, data)
+        assert int(headers["Content-Length"]) == len(full) or path != "/", (path, headers)
+
+
+def test_a_client_that_hangs_up_leaves_no_traceback(server, monkeypatch, capfd):
+    """The reply to a request whose client already left (reset) is dropped quietly, the server lives on."""
+    app, port = server
+    entered, hung_up, answered = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_refusal(req):  # the request is read; the client is gone by the time the server answers
+        entered.set()
+        assert hung_up.wait(10)
+        time.sleep(0.1)  # the reset reaches the server's socket
+        answered.set()
+        raise web.HTTPError(400, "too late")
+    monkeypatch.setattr(app, "add_image", slow_refusal)
+    for _ in range(3):
+        for event in (entered, hung_up, answered):
+            event.clear()
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"POST /api/image HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 2\r\n\r\n{}")
+        assert entered.wait(10)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+        s.close()
+        hung_up.set()
+        assert answered.wait(10)
+        time.sleep(0.3)  # the handler writes its reply into the reset connection
+    monkeypatch.undo()
+    s = socket.create_connection(("127.0.0.1", port))  # and one that leaves halfway through its headers
+    s.sendall(b"POST /api/image HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty")
+    time.sleep(0.3)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+    time.sleep(0.3)
+    assert request(port, "GET", "/api/info")[0] == 200
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "BrokenPipe" not in err and "ConnectionReset" not in err, err
 
 
 def test_page_is_self_contained(server):
@@ -340,3 +465,94 @@ def test_page_in_headless_chromium(server, tmp_path):
     image = Image.open(io.BytesIO(png))
     assert image.size == (1400, 1000)
     image.convert("RGB").quantize(256).save(shot, optimize=True)  # a palette PNG: a third of the size
+
+
+def wait_for(browser, condition: str, seconds: float = 60):
+    for _ in range(int(seconds / 0.1)):
+        if browser.evaluate(condition):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"never true: {condition}")
+
+
+def press(browser, key: str):
+    """A real key press (keyDown, keyUp) on the focused element, as a keyboard user makes it."""
+    code, vk, text = {"Enter": ("Enter", 13, "\r"), " ": ("Space", 32, " ")}[key]
+    browser.call("Input.dispatchKeyEvent", type="keyDown", key=key, code=code, windowsVirtualKeyCode=vk, text=text)
+    browser.call("Input.dispatchKeyEvent", type="keyUp", key=key, code=code, windowsVirtualKeyCode=vk)
+
+
+@pytest.mark.skipif(not os.path.isfile(CHROMIUM), reason=f"no Chromium at {CHROMIUM} (set MINIVLM_CHROMIUM to another "
+                    "binary); test_web_page.py checks the same fixes in the page's source")
+def test_page_behaviour_in_headless_chromium(server, tmp_path):
+    """At 125 % zoom, with a photo: the demo note, a crisp patch grid, tokens in their own case and reachable with
+    the keyboard, a new answer and a new chat clearing the old views, upload errors that name every bad file and
+    the real limit, and a server that cannot be reached saying how to start it."""
+    _, port = server
+    bad, big, good = tmp_path / "bad.jpg", tmp_path / "big.jpg", tmp_path / "good.png"
+    bad.write_bytes(b"certainly not an image")
+    big.write_bytes(bytes(16_000_000))
+    good.write_bytes(open(os.path.join(web.SAMPLES_DIR, "shapes_1.png"), "rb").read())
+    browser = DevTools(CHROMIUM, tempfile.mkdtemp(dir=tmp_path))
+    js = browser.evaluate
+    try:
+        target = browser.call("Target.createTarget", url="about:blank")["targetId"]
+        browser.session = browser.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        browser.call("Emulation.setDeviceMetricsOverride", width=1400, height=1000, deviceScaleFactor=1.25, mobile=False)
+        browser.call("Page.navigate", url=f"http://127.0.0.1:{port}/?demo=1&sample=photo_cat.jpg&token=0")
+        wait_for(browser, "document.getElementById('done') && document.getElementById('done').dataset.state")
+        assert js("$('done').dataset.state") == "done", js("$('done').textContent")
+
+        assert js("!$('note').hidden && $('note').textContent").startswith("Note: the demo model knows only the synthetic")
+        heat = js("(() => { const c = document.querySelector('#heat canvas'); return [c.width, c.getBoundingClientRect().width]; })()")
+        assert heat[0] == 240 and abs(heat[1] * 1.25 - 240) < 0.01, heat  # one canvas pixel per device pixel
+        for ratio in (1.25, 1.1, 1.5):  # a grid drawn on black: every line whole device pixels, none blurred
+            browser.call("Emulation.setDeviceMetricsOverride", width=1400, height=1000, deviceScaleFactor=ratio, mobile=False)
+            grid = browser.call("Runtime.evaluate", awaitPromise=True, returnByValue=True, expression="""(async () => {
+                const src = document.createElement('canvas'); src.width = src.height = 96;
+                const sc = src.getContext('2d'); sc.fillStyle = '#000'; sc.fillRect(0, 0, 96, 96);
+                const c = cropCanvas(192); await drawCrop(c, {crop: src.toDataURL()}, null, 0);
+                const W = c.width, row = c.getContext('2d').getImageData(0, Math.floor(W / S.info.grid / 2), W, 1).data;
+                return {grid: S.info.grid, dpr: devicePixelRatio, red: Array.from({length: W}, (_, x) => row[4 * x])}; })()""")
+            grid = grid["result"]["value"]
+            lines = [v for v in grid["red"] if v >= 150]
+            blurred = [v for v in grid["red"] if 20 < v < 150]
+            width = max(1, round(ratio))
+            assert abs(grid["dpr"] - ratio) < 1e-6 and len(grid["red"]) == round(192 * ratio), grid
+            assert len(lines) == width * (grid["grid"] - 1) and not blurred, grid
+
+        style = js("[getComputedStyle($('seltok')).textTransform, $('seltok').innerText, $('seltok').textContent]")
+        assert style[0] == "none" and style[1] == style[2] and re.search("[a-z]", style[2]), style
+        assert js("document.querySelectorAll('#answer button.tok').length") >= 3
+        js("document.querySelectorAll('#answer button.tok')[1].focus()")
+        press(browser, "Enter")
+        assert js("$('seltok').textContent").startswith("#2 ")
+        js("document.querySelectorAll('#answer button.tok')[2].focus()")
+        press(browser, " ")
+        assert js("$('seltok').textContent").startswith("#3 ")
+
+        started = js("$('question').value = 'How many objects are there?'; ask(); "
+                     "[$('timing').textContent, $('cbmid').textContent + $('cbmax').textContent, $('answer').children.length]")
+        assert "ms" not in started[0] and started[1:] == ["", 0], started  # nothing of the last answer while streaming
+        wait_for(browser, "!S.busy && $('timing').textContent.includes('ms')")
+
+        js("$('reset').click()")
+        views = js("[$('prompt').textContent, $('answer').querySelectorAll('button').length, $('timing').textContent, "
+                   "$('heat').children.length, $('alts').children.length, $('seltok').textContent, $('cbmax').textContent, "
+                   "$('log').querySelectorAll('.msg').length, $('note').hidden]")
+        assert views == ["(after the first question)", 0, "(after the first answer)", 0, 0, "none", "", 0, True], views
+
+        doc = browser.call("DOM.getDocument")["root"]["nodeId"]
+        node = browser.call("DOM.querySelector", nodeId=doc, selector="#file")["nodeId"]
+        browser.call("DOM.setFileInputFiles", nodeId=node, files=[str(bad), str(big), str(good)])
+        wait_for(browser, "S.pending.length === 1 && !$('status').textContent.includes('reading')")
+        errors = js("$('status').className + '|' + $('status').textContent")
+        assert errors == "err|bad.jpg is not an image file this server can read (PNG, JPEG, GIF, BMP, WebP)\n" \
+                         "big.jpg is 16.0 MB; the limit is 15 MB", errors
+
+        browser.call("Network.enable")
+        browser.call("Network.emulateNetworkConditions", offline=True, latency=0, downloadThroughput=-1, uploadThroughput=-1)
+        browser.call("Runtime.evaluate", expression="$('question').value = 'hello?'; ask()", awaitPromise=True)
+        assert re.match(r"the server is not reachable.*python -m minivlm\.web", js("$('status').textContent")), js("$('status').textContent")
+    finally:
+        browser.close()

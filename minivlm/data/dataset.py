@@ -24,6 +24,7 @@ even with DataLoader workers (`SampleLog`).
 
 import json
 import os
+import re
 from collections import Counter
 
 import numpy as np
@@ -31,7 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .processing import ImageLoadError, load_image, preprocess_image
-from .prompt import IGNORE_INDEX, IMAGE_MARKER, encode_chat
+from .prompt import IGNORE_INDEX, IMAGE_MARKER, encode_chat, unicode_problem
 
 
 class DataError(ValueError):
@@ -167,7 +168,7 @@ class SampleLog:
 
     NAMES = ("", CUT, CUT_IMAGES, "too long", "invalid JSON", "bad conversations", "bad role order",
              "unknown role", "tool calls", "image count mismatch", "bad image field", "missing image",
-             "unreadable image", "bad row", "other")
+             "unreadable image", "bad row", "other", "invalid text", "nested too deeply")
 
     def __init__(self, n):
         self.status = torch.zeros(n, dtype=torch.uint8).share_memory_()
@@ -243,13 +244,11 @@ class VLMDataset(Dataset):
         self.image_size, self.skip_bad, self.image_loader = image_size, skip_bad, image_loader
         if tokenizer is not None:  # None: only the images are wanted (features.py)
             tokenizer.check_placeholder(run_length)
-        offsets, line_numbers, pos = [], [], 0
+        offsets, line_numbers = [], []
         with open(self.path, "rb") as f:
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    offsets.append(pos)
-                    line_numbers.append(line_no)
-                pos += len(line)
+            for line_no, offset, _ in jsonl_lines(f):
+                offsets.append(offset)
+                line_numbers.append(line_no)
         # numpy arrays, not lists: DataLoader workers share them instead of copying (reading a
         # Python int touches its refcount, which copies the memory page into every worker).
         self.offsets = np.array(offsets, dtype=np.int64)
@@ -265,8 +264,8 @@ class VLMDataset(Dataset):
         with open(self.path, "rb") as f:
             f.seek(int(self.offsets[0]))
             try:
-                return asks_first(json.loads(f.readline())["conversations"])
-            except (ValueError, KeyError, TypeError, StopIteration):
+                return asks_first(parse_json(f.readline())["conversations"])
+            except (ValueError, KeyError, TypeError, StopIteration):  # DataError is a ValueError
                 return False  # a bad first line is reported when it is loaded
 
     def __len__(self):
@@ -353,14 +352,56 @@ class VLMDataset(Dataset):
         return summary_line(self.log.counts(), len(self), self.max_length)
 
 
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark some Windows editors put at the start of a file
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # only JSON holding one can decode to a lone surrogate
+
+
+def jsonl_lines(f):
+    """(line number, byte offset, line bytes) of each non-blank line of a jsonl file opened in binary mode,
+    as every reader (training, --eval, data stats/preview, tokenizer training) walks it. A BOM at the start
+    of the file is skipped; anywhere else it is invalid JSON, as in any JSON text."""
+    pos = 0
+    for line_no, line in enumerate(f, 1):
+        start = len(BOM) if line_no == 1 and line.startswith(BOM) else 0
+        if line[start:].strip():
+            yield line_no, pos + start, line[start:]
+        pos += len(line)
+
+
+def _strings(value):
+    """Every string in a decoded JSON value (keys too), without recursion: the value may be deep."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            yield v
+        stack += [*v.keys(), *v.values()] if isinstance(v, dict) else v if isinstance(v, list) else []
+
+
 def parse_json(text):
-    """json.loads with DataErrors (json's own "line 1" would be confusing inside a file of many)."""
+    """JSON text from outside (a jsonl line as bytes, a parquet cell) -> its value, or a DataError. The one
+    parser of data files, so that every reader refuses the same: bytes that are not UTF-8, invalid JSON
+    (json's own "line 1" would confuse inside a file of many), nesting too deep (json's RecursionError)
+    and strings that are not valid Unicode ("\\ud800" decodes to a lone surrogate: `unicode_problem`)."""
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        try:  # decoded here, strictly: json.loads would guess UTF-16/32 and accept a BOM on any line
+            text = bytes(text).decode("utf-8")  # (strict UTF-8 never decodes to a surrogate)
+        except UnicodeDecodeError as e:
+            raise DataError("invalid JSON", f"not UTF-8 ({e.reason} at byte {e.start})") from None
+    elif unicode_problem(text):  # a str made elsewhere, e.g. decoded with errors="surrogateescape"
+        raise DataError("invalid text", unicode_problem(text))
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError("invalid JSON", f"{e.msg} at character {e.pos}") from None
-    except UnicodeDecodeError as e:
-        raise DataError("invalid JSON", f"not UTF-8 ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise DataError("nested too deeply", "JSON nested too deeply to parse") from None
+    if _SURROGATE_ESCAPE.search(text):  # else no decoded string can hold a surrogate
+        for s in _strings(value):
+            problem = unicode_problem(s)
+            if problem:
+                raise DataError("invalid text", f"{problem} of the string {s[:40]!r}")
+    return value
 
 
 def parse_conversations(stored):

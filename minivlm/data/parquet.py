@@ -34,6 +34,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..common import atomic_write
 from . import processing
 from .dataset import TOOL_KEYS, DataError, SampleLog, VLMDataset, asks_first, parse_conversations
 from .prompt import IMAGE_MARKER
@@ -52,6 +53,16 @@ def _pyarrow():
     except ImportError:  # pragma: no cover - depends on the environment
         raise SystemExit("error: reading .parquet data needs pyarrow (pip install 'pyarrow>=14')") from None
     return pa, pq
+
+
+def arrow_summary(error: BaseException, limit: int = 200) -> str:
+    """pyarrow's message as one printable line. Its messages run over several lines (and may quote raw
+    bytes): an error raised in a DataLoader worker reaches the main process as a traceback whose last
+    line is all that is shown, which was then just ")"."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = "; ".join(lines) or type(error).__name__
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return f"{type(error).__name__}: {text[:limit]}" + ("…" if len(text) > limit else "")
 
 
 def open_parquet(path):
@@ -170,10 +181,10 @@ class ParquetVLMDataset(VLMDataset):
         pa, _ = _pyarrow()
         try:
             table = self._row_group(g)
-        except (pa.ArrowException, OSError) as e:  # a damaged row group in a file whose footer is fine
-            raise DataError("bad row", f"row group {g} is unreadable ({type(e).__name__}: {e})") from None
-        r = idx - int(self.group_starts[g])
-        return table.column(COLUMNS[0])[r].as_py(), table.column(COLUMNS[1])[r].as_py()
+            r = idx - int(self.group_starts[g])
+            return table.column(COLUMNS[0])[r].as_py(), table.column(COLUMNS[1])[r].as_py()
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:  # damaged data, the footer fine
+            raise DataError("bad row", f"row group {g} is unreadable ({arrow_summary(e)})") from None
 
     def _load(self, idx):
         """-> (sample, what fit_to_length did); DataError located at the file and row."""
@@ -186,10 +197,11 @@ class ParquetVLMDataset(VLMDataset):
         """As VLMDataset.approx_lengths, from the conversations column alone (images are not read)."""
         if getattr(self, "_lengths", None) is None:
             lengths = []
-            for batch in open_parquet(self.path).iter_batches(batch_size=4096, columns=[COLUMNS[0]]):
-                for text in batch.column(0).to_pylist():
-                    text = text if isinstance(text, str) else json.dumps(text, ensure_ascii=False)
-                    lengths.append(len(text.encode()) // 4 + text.count(IMAGE_MARKER) * self.run_length)
+            for _, row in iter_rows(self.path, columns=[COLUMNS[0]], batch_size=4096):  # damage: a DataError
+                text = row[COLUMNS[0]]
+                text = text if isinstance(text, str) else json.dumps(text, ensure_ascii=False)
+                n_bytes = len(text.encode("utf-8", "replace"))
+                lengths.append(n_bytes // 4 + text.count(IMAGE_MARKER) * self.run_length)
             self._lengths = np.minimum(np.array(lengths, dtype=np.int64), self.max_length)
         return self._lengths
 
@@ -233,24 +245,46 @@ def write_parquet(path, rows, row_group_size=1024):
 def iter_rows(path, columns=COLUMNS, batch_size=256):
     """(row number, {column: value}) for every row in order, a batch at a time: for a pass over the whole
     file (tokenizer training, statistics), where reading only the columns needed is what saves time."""
-    pf = open_parquet(os.fspath(path))
-    i = 0
-    for batch in pf.iter_batches(batch_size=batch_size, columns=list(columns)):
-        for row in batch.to_pylist():
+    pa, _ = _pyarrow()
+    path = os.fspath(path)
+    pf, i = open_parquet(path), 0
+    batches = pf.iter_batches(batch_size=batch_size, columns=list(columns))
+    while True:
+        try:
+            batch = next(batches, None)
+            rows = [] if batch is None else batch.to_pylist()
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:  # damaged data, the footer fine
+            raise DataError("bad row", f"rows from {i} on are unreadable ({arrow_summary(e)})",
+                            where=f"{path}: ") from None
+        if batch is None:
+            return
+        for row in rows:
             yield i, row
             i += 1
 
 
 def repack(path, out, rows=256):
     """Copy a parquet file with row groups of `rows` rows, streaming it a batch at a time (pyarrow may still
-    hold one row group of the input in memory: do it once, on a machine that can)."""
+    hold one row group of the input in memory: do it once, on a machine that can). The copy goes to a
+    temporary file renamed over `out` at the end: a failed run leaves an existing `out` as it was. `out`
+    may not be the input itself (writing it would empty the file being read)."""
+    if rows < 1:
+        raise ValueError(f"rows per group must be at least 1, got {rows}")
+    path, out = os.fspath(path), os.fspath(out)
+    if os.path.exists(out) and os.path.exists(path) and os.path.samefile(path, out):
+        raise ValueError(f"--out {out}: is the input file {path}; write the copy elsewhere (then rename it)")
     pa, pq = _pyarrow()
-    pf = open_parquet(os.fspath(path))
+    pf = open_parquet(path)
     n = 0
-    with pq.ParquetWriter(out, pf.schema_arrow) as writer:
-        for batch in pf.iter_batches(batch_size=rows):
-            writer.write_table(pa.Table.from_batches([batch]), row_group_size=rows)
-            n += batch.num_rows
+
+    def write(f):
+        nonlocal n
+        with pq.ParquetWriter(f, pf.schema_arrow) as writer:
+            for batch in pf.iter_batches(batch_size=rows):
+                writer.write_table(pa.Table.from_batches([batch]), row_group_size=rows)
+                n += batch.num_rows
+
+    atomic_write(out, write)
     return n
 
 

@@ -78,11 +78,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB" and image.info.get("transparency") is None:
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or a.max() > 255 else 255.0
-        if image.mode == "F" and a.max() <= 1.0:
-            top = 1.0
-        image = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        image = grey_to_8bit(image)
     # An alpha band, or a colour key ("transparency" in P, L and RGB PNGs), means see-through pixels.
     has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
     if has_alpha:
@@ -90,6 +86,28 @@ def to_rgb(image: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def grey_to_8bit(image: Image.Image, strip_pixels: int = 1 << 16) -> Image.Image:
+    """16-bit, 32-bit or float greyscale -> 8-bit "L", scaled (not clipped): 16-bit by 65535, others by
+    255 unless their values go higher (then 65535), float images holding [0, 1] by 1.
+
+    A strip of about `strip_pixels` pixels at a time: a float64 copy of the whole image (and the
+    temporaries of the arithmetic on it) cost several times the RGB image it becomes, before the
+    conversion even started; this costs the 1-byte result and one small strip."""
+    _, high = image.getextrema()  # no copy of the pixels
+    top = 65535.0 if image.mode.startswith("I;16") or high > 255 else 255.0
+    if image.mode == "F" and high <= 1.0:
+        top = 1.0
+    w, h = image.size
+    rows = max(1, strip_pixels // max(w, 1))
+    out = np.empty((h, w), dtype=np.uint8)
+    for y in range(0, h, rows):
+        strip = np.asarray(image.crop((0, y, w, min(h, y + rows))), dtype=np.float64)
+        strip *= 255.0 / top  # in place: one float64 strip is all the arithmetic holds
+        strip += 0.5
+        out[y:y + rows] = np.clip(strip, 0, 255, out=strip)
+    return Image.fromarray(out, mode="L")
 
 
 def resized_size(w: int, h: int, size: int) -> tuple[int, int]:

@@ -37,12 +37,40 @@ IGNORE_INDEX = -100  # the label of a token that is not trained (what torch's cr
 
 
 class PromptError(ValueError):
-    """A prompt whose `<image>` markers do not match the images given."""
+    """A prompt that cannot be asked: `<image>` markers that do not match the images given, or text that
+    is not valid Unicode."""
+
+
+def unicode_problem(text: str) -> str | None:
+    """Why `text` is not valid Unicode text, or None. The one rule for text from outside (data files,
+    typed prompts, stdin): a lone surrogate ("\\ud800" is valid JSON; Python decodes an undecodable byte
+    of argv or stdin to one) cannot be encoded to UTF-8, so the tokenizer would fail on it with a
+    TypeError deep inside. Callers turn the answer into their own error (DataError, PromptError)."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        if 0xDC80 <= code <= 0xDCFF:  # surrogateescape's stand-in for an undecodable byte
+            return f"byte 0x{code - 0xDC00:02x} at character {e.start} is not UTF-8"
+        return f"lone surrogate U+{code:04X} at character {e.start} (not valid Unicode)"
+    return None
+
+
+def check_text(text: str) -> str:
+    """`text`, or a PromptError saying why it is not valid Unicode (`unicode_problem`)."""
+    problem = unicode_problem(text)
+    if problem:
+        raise PromptError(f"invalid text: {problem}")
+    return text
 
 
 def sanitize_text(text: str) -> str:
-    """Make message text unable to forge placeholder ids or special tokens (see module docstring)."""
-    return text.replace(PLACEHOLDER, FULLWIDTH_AT).replace("<|", "< |")
+    """Make message text unable to forge placeholder ids or special tokens (see module docstring). Every
+    message passes here before it is tokenized, so text that is not valid Unicode stops here at the latest
+    (a PromptError, not the tokenizer's TypeError); readers refuse it earlier, naming its place."""
+    return check_text(text).replace(PLACEHOLDER, FULLWIDTH_AT).replace("<|", "< |")
 
 
 def image_placeholder(run_length: int) -> str:
@@ -60,9 +88,10 @@ def user_turn(question: str, n_images: int, question_first: bool = False) -> str
     A question that already holds `<image>` markers (as a question file may) keeps them where they
     stand, and their number must match. Otherwise one marker per image goes before the question
     (MiniMind-V's convention) or, with question_first, after it: in a causal decoder the image tokens
-    can then attend to the question (the shapes world's SFT data is written this way).
+    can then attend to the question (the shapes world's SFT data is written this way). Text that is not
+    valid Unicode is a PromptError (`unicode_problem`): typed text is checked here, file text by `parse_json`.
     """
-    n = question.count(IMAGE_MARKER)
+    n = check_text(question).count(IMAGE_MARKER)
     if n:
         if n != n_images:
             raise PromptError(f"the question has {n} {IMAGE_MARKER} marker(s) but {n_images} image(s) were given")

@@ -15,6 +15,8 @@ import re
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from ..common import atomic_write
+
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]  # trained tokenizers get ids 0, 1, 2
 PLACEHOLDER = "@"  # one placeholder id per image feature
@@ -56,8 +58,9 @@ class Tokenizer:
         return cls(hf, source=file)
 
     def save(self, folder):
+        """Write `folder/tokenizer.json` atomically: a failed write (a full disk) leaves the old file whole."""
         os.makedirs(folder, exist_ok=True)
-        self._tok.save(os.path.join(folder, "tokenizer.json"))
+        atomic_write(os.path.join(folder, "tokenizer.json"), self._tok.to_str(pretty=True).encode())
 
     @property
     def vocab_size(self):

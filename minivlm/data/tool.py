@@ -13,47 +13,50 @@ multi-GB parquet file reads its text column, not its images); token lengths need
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 
 import numpy as np
 from PIL import Image
 
-from .dataset import DataError, parse_conversations
-from .parquet import image_list, iter_rows, repack
+from ..common import positive_int, write_error
+from .dataset import DataError, jsonl_lines, parse_conversations
+from .parquet import decode_image, image_list, iter_rows, repack
+from .processing import ImageLoadError, load_image
 from .prompt import DEFAULT_SYSTEM_PROMPT, IMAGE_MARKER, chat_prompt, encode_chat
 from .tokenizer import PLACEHOLDER, Tokenizer, train_bpe
 
 
-def _parse(text):
-    """parse_conversations, or None for a malformed value (stats count it instead of stopping)."""
+def _parse(text, where, strict):
+    """parse_conversations (training's parser: the same rules), or None for a malformed value (stats count
+    it instead of stopping); with strict, a DataError naming `where`."""
     try:
         return parse_conversations(text)
-    except DataError:
+    except DataError as e:
+        if strict:
+            raise DataError(e.reason, e.detail, where=f"{where}: ") from None
         return None
 
 
-def records(path, with_images=False):
-    """(where, conversations, images) for every sample; images are PIL-openable byte strings or file paths;
-    conversations None where the JSON does not parse."""
+def records(path, with_images=False, strict=False):
+    """(where, conversations, images) for every sample; images are byte strings or file paths;
+    conversations None where the JSON does not parse (with strict: a DataError naming file and line)."""
     path = os.fspath(path)
     if path.endswith(".parquet"):
         columns = ["conversations", "image_bytes"] if with_images else ["conversations"]
         for row, record in iter_rows(path, columns=columns):
             c = record["conversations"]
             images = image_list(record.get("image_bytes")) if with_images else []
-            yield f"{path}: row {row}", _parse(c), images
+            yield f"{path}: row {row}", _parse(c, f"{path}: row {row}", strict), images
         return
     folder = os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                record = _parse(line)
-                record = record if isinstance(record, dict) else {}
-                image = record.get("image") if isinstance(record.get("image"), str) else ""
-                names = [n.strip() for n in image.split(",") if n.strip()]
-                yield f"{path}:{line_no}", record.get("conversations"), [os.path.join(folder, n) for n in names]
+    with open(path, "rb") as f:
+        for line_no, _, line in jsonl_lines(f):  # as training reads it (a BOM on line 1 is skipped)
+            record = _parse(line, f"{path}:{line_no}", strict)
+            record = record if isinstance(record, dict) else {}
+            image = record.get("image") if isinstance(record.get("image"), str) else ""
+            names = [n.strip() for n in image.split(",") if n.strip()]
+            yield f"{path}:{line_no}", record.get("conversations"), [os.path.join(folder, n) for n in names]
 
 
 def stats(path, tokenizer=None, run_length=196, max_length=640, limit=2000) -> str:
@@ -93,13 +96,15 @@ def preview(path, out, n=16, cols=4, size=128, pad=4):
             continue
         answer = next((m["content"] for m in conversations if m["role"] == "assistant"), "")
         marked = any(IMAGE_MARKER in m["content"] for m in conversations)
-        if marked and images:
-            source = io.BytesIO(images[0]) if isinstance(images[0], bytes) else images[0]
-            with Image.open(source) as im:
-                tile = im.convert("RGB").resize((size, size))
-            r, c = divmod(k, cols)
-            grid.paste(tile, (pad + c * (size + pad), pad + r * (size + pad)))
         kind = f"{len(images)} image(s)" if marked else "text only"
+        if marked and images:
+            try:  # decoded as training decodes it: the same pixel limit, the same refusals
+                im = decode_image(images[0], 0) if isinstance(images[0], bytes) else load_image(images[0])
+            except (ImageLoadError, DataError) as e:
+                notes.append(f"{k + 1:2d}. [unreadable image] {where}: {e}")
+                continue
+            r, c = divmod(k, cols)
+            grid.paste(im.resize((size, size)), (pad + c * (size + pad), pad + r * (size + pad)))
         notes.append(f"{k + 1:2d}. [{kind}] {where}: {answer[:80]!r}")
     grid.save(out)
     return notes
@@ -117,7 +122,7 @@ def main(argv=None):
     r = sub.add_parser("repack", help="rewrite a parquet file in small row groups, for fast random access")
     r.add_argument("file")
     r.add_argument("--out", required=True, help="the parquet file to write")
-    r.add_argument("--rows", type=int, default=256, help="rows per row group")
+    r.add_argument("--rows", type=positive_int, default=256, help="rows per row group")
     v = sub.add_parser("preview", help="the first images in a grid, and their answers")
     v.add_argument("file")
     v.add_argument("--out", required=True, help="PNG file to write")
@@ -133,7 +138,10 @@ def main(argv=None):
             print(f"wrote {args.out}: {repack(args.file, args.out, args.rows)} rows in groups of {args.rows}")
         else:
             print(f"wrote {args.out}:\n" + "\n".join(preview(args.file, args.out, args.n)))
-    except (OSError, ValueError, KeyError, TypeError) as e:  # DataError is a ValueError
+    except OSError as e:  # e.g. a full disk while writing --out: the file and the reason, on one line
+        print(f"error: {write_error(e)}", file=sys.stderr)
+        return 2
+    except (ValueError, KeyError, TypeError) as e:  # DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -147,11 +155,11 @@ def training_texts(files):
     """The text of every message in MiniMind-V jsonl or parquet files, one string per message, without
     image markers and '@' (so that '@' stays one token), plus the default system prompt."""
     for path in files:
-        for where, conversations, _ in records(path):
+        for where, conversations, _ in records(path, strict=True):  # bad JSON or text: a located DataError
             try:
                 texts = [f"{m['role']}\n{m['content']}" for m in conversations]
-            except (KeyError, TypeError) as e:  # conversations None: the JSON did not parse
-                raise ValueError(f"{where}: not a MiniMind-V sample ({type(e).__name__}: {e})") from None
+            except (KeyError, TypeError) as e:
+                raise DataError(f"{where}: not a MiniMind-V sample ({type(e).__name__}: {e})") from None
             for text in texts:
                 yield text.replace(IMAGE_MARKER, "").replace(PLACEHOLDER, "")
         yield f"system\n{DEFAULT_SYSTEM_PROMPT}"  # the default system prompt is in every sample
@@ -180,8 +188,14 @@ def tokenizer_main(argv=None):
                        help="target vocabulary size incl. 3 special tokens and 256 bytes (default 6400)")
     train.add_argument("--out", required=True, metavar="DIR", help="folder to write tokenizer.json into")
     args = parser.parse_args(argv)
-    tok = train_tokenizer(args.data, vocab_size=args.vocab_size, out_dir=args.out)
+    try:
+        tok = train_tokenizer(args.data, vocab_size=args.vocab_size, out_dir=args.out)
+    except (OSError, ValueError) as e:  # a missing or bad data file (DataError is a ValueError), an unwritable --out
+        # (a full disk: the old tokenizer.json stays whole, see Tokenizer.save)
+        print(f"error: {write_error(e) if isinstance(e, OSError) else e}", file=sys.stderr)
+        return 2
     print(f"wrote {os.path.join(args.out, 'tokenizer.json')}: vocab size {tok.vocab_size} "
           f"(asked for {args.vocab_size})")
     ids = chat_prompt(tok, [{"role": "user", "content": "What is in <image>?"}], run_length=4)
     print(f"sample: {tok.decode(ids, skip_special_tokens=False)!r}\n  -> {len(ids)} ids: {ids}")
+    return 0

@@ -153,8 +153,8 @@ def run(args) -> int:
 
     groups = [loaded] if args.multi else [[item] for item in loaded]
     for group in groups:
+        content = user_turn(args.prompt, len(group), args.question_first)  # checked before it is printed
         print(f"[{', '.join(os.path.basename(f) for f, _ in group)}] {args.prompt}")
-        content = user_turn(args.prompt, len(group), args.question_first)
         print("vlm> ", end="", flush=True)
         ask(model, tokenizer, [im for _, im in group], [{"role": "user", "content": content}], cfg)
     return 0
@@ -165,11 +165,18 @@ def chat(model, tokenizer, name, image, question_first, cfg) -> int:
     print(f"[chat about {name}; an empty line or Ctrl-D ends]")
     if sys.stdin is None or sys.stdin.closed:  # started with stdin closed (`0<&-`): nothing to read
         return 0
+    if hasattr(sys.stdin, "reconfigure"):
+        # A byte that is not UTF-8 would make input() raise and end the chat; decoded to a stand-in (a lone
+        # surrogate) instead, it reaches user_turn, which refuses that line with a message like any other.
+        sys.stdin.reconfigure(errors="surrogateescape")
     messages = []
     while True:
         try:
             question = input("you> ").strip()
         except EOFError:
+            break
+        except UnicodeDecodeError:  # a stream that cannot be reconfigured: its position is lost
+            print("(input that is not UTF-8 text; the chat ends)")
             break
         if not question:
             break
@@ -177,9 +184,9 @@ def chat(model, tokenizer, name, image, question_first, cfg) -> int:
             print(f"(the image is already in this conversation; {IMAGE_MARKER} can only be typed in the "
                   f"first question: ask again without it)")
             continue
-        try:
-            content = question if messages else user_turn(question, 1, question_first)
-        except PromptError as e:  # e.g. two <image> markers for the one image
+        try:  # every turn through user_turn, which checks typed text; the image goes in the first one
+            content = user_turn(question, 0 if messages else 1, question_first)
+        except PromptError as e:  # e.g. two <image> markers for the one image, or text that is not Unicode
             print(f"({e}; ask again)")
             continue
         messages.append({"role": "user", "content": content})

@@ -14,13 +14,12 @@ Rows of qtype "describe" (the shapes world's captions) also get per-attribute cr
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 import sys
 
 from ..common import Progress
-from ..data.dataset import DataError, _image_names
+from ..data.dataset import DataError, _image_names, jsonl_lines, parse_json
 from .generate import SamplingConfig, answer_batch
 from ..data.processing import load_image
 from ..synthetic.scoring import describe_attributes
@@ -31,16 +30,17 @@ def read_questions(jsonl_path, images_dir=None):
     """Yield dicts {images: [PIL], question, answer, qtype, n_objects, line} from an eval jsonl,
     one line at a time (images are only opened when their question is reached)."""
     images_dir = images_dir or os.path.dirname(os.path.abspath(jsonl_path))
-    with open(jsonl_path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(jsonl_path, "rb") as f:
+        for line_no, _, line in jsonl_lines(f):  # as training reads a jsonl (a BOM on line 1 is skipped)
             try:
-                rec = json.loads(line)
+                rec = parse_json(line)  # training's parser: bad UTF-8, bad Unicode, deep nesting are DataErrors
+            except DataError as e:
+                raise DataError(f"{jsonl_path}:{line_no}: {e}") from None
+            try:
                 conv = rec["conversations"]
                 user, ref = conv[-2], conv[-1]
                 assert user["role"] == "user" and ref["role"] == "assistant"
-            except (json.JSONDecodeError, KeyError, IndexError, TypeError, AssertionError):
+            except (KeyError, IndexError, TypeError, AssertionError):
                 raise DataError(f"{jsonl_path}:{line_no}: not an eval line (needs conversations ending "
                                  f"with a user question and the reference answer)") from None
             qtype, n_objects = rec.get("qtype", "all"), rec.get("n_objects", 0)
@@ -64,11 +64,8 @@ def evaluate(model, tokenizer, jsonl_path, images_dir=None, batch_size=32, limit
     from scoring.score. Questions are read batch by batch, so a large file never sits in memory.
     Questions without `<image>` markers get them before (or, question_first, after) the question."""
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
-    try:
-        with open(jsonl_path, encoding="utf-8") as f:
-            total = sum(1 for line in f if line.strip())
-    except UnicodeDecodeError as e:
-        raise DataError(f"{jsonl_path}: not UTF-8 text ({e.reason} at byte {e.start} of a line)") from None
+    with open(jsonl_path, "rb") as f:
+        total = sum(1 for _ in jsonl_lines(f))  # a line that is not UTF-8 is reported where it is read
     if total == 0:
         raise DataError(f"{jsonl_path}: no questions in the file (it is empty)")
     total = total if limit is None else min(total, limit)

@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import shutil
 import sys
 
 import torch
 
 from ..model.checkpoint import load_vlm, read_meta, save_vlm, tokenizer_beside
-from ..common import UserError, one_line, positive_int
+from ..common import UserError, atomic_copy, one_line, positive_int, write_error
 from ..model.vlm import MiniMindVLM
 from ..model.weights import WeightsError
 
@@ -66,6 +65,30 @@ def grow_decoder(model: MiniMindVLM, add_layers: int, at: int | None = None) -> 
     return grown
 
 
+def check_out(out, weights):
+    """--out may not be the folder of --weights: the grown checkpoint has the same file name and would
+    replace the one it grows (and its vision tower) in place."""
+    here = os.path.dirname(os.path.abspath(weights))
+    if os.path.isdir(out) and os.path.samefile(out, here):
+        raise UserError(f"--out {out}: is the folder of --weights {weights}; the grown checkpoint would replace "
+                        f"it: choose another folder")
+
+
+def write_grown(grown: MiniMindVLM, path, meta: dict, tokenizer):
+    """The grown checkpoint, its vision tower (when one travels with the original; it is the tower the
+    original was loaded with, saved again by save_vlm as part of the unit) and a copy of the tokenizer."""
+    out = os.path.dirname(os.path.abspath(path))
+    os.makedirs(out, exist_ok=True)
+    if os.path.isfile(tokenizer):
+        atomic_copy(tokenizer, os.path.join(out, "tokenizer.json"))
+    vision_folder = None
+    if "vision_folder" in meta:
+        vision_folder = os.path.join(out, os.path.basename(os.path.normpath(meta["vision_folder"])))
+    save_vlm(grown, path, dtype=torch.float32, vision_folder=vision_folder,
+             question_first=bool(meta.get("question_first", False)),
+             tokenizer_vocab_size=meta.get("tokenizer_vocab_size"))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m minivlm.grow", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -86,22 +109,17 @@ def main(argv=None) -> int:
         at = old if args.at is None else args.at
         if not 0 <= at <= old:
             raise UserError(f"--at {at}: the decoder of {args.weights} has {old} blocks, so --at must be 0..{old}")
+        check_out(args.out, args.weights)
     except (UserError, WeightsError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     grown = grow_decoder(model, args.add_layers, at)
-    os.makedirs(args.out, exist_ok=True)
-    vision_folder = None
-    if "vision_folder" in meta:  # a tower trained with the checkpoint travels with it
-        src = os.path.join(os.path.dirname(os.path.abspath(args.weights)), meta["vision_folder"])
-        vision_folder = os.path.join(args.out, os.path.basename(os.path.normpath(meta["vision_folder"])))
-        shutil.copytree(src, vision_folder, dirs_exist_ok=True)
-    if os.path.isfile(tokenizer_beside(args.weights)):
-        shutil.copy(tokenizer_beside(args.weights), args.out)
     path = os.path.join(args.out, os.path.basename(args.weights))
-    save_vlm(grown, path, dtype=torch.float32, vision_folder=vision_folder,
-             question_first=bool(meta.get("question_first", False)),
-             tokenizer_vocab_size=meta.get("tokenizer_vocab_size"))
+    try:
+        write_grown(grown, path, meta, tokenizer_beside(args.weights))
+    except OSError as e:  # a full disk, no permission: what save_vlm wrote is all or nothing
+        print(f"error: cannot write {write_error(e, args.out)}", file=sys.stderr)
+        return 2
     print(f"wrote {path}: {old} -> {old + args.add_layers} decoder blocks (new: {at}..{at + args.add_layers - 1}, "
           f"identity at start), {sum(p.numel() for p in grown.lm_state_dict().values()):,} parameters without "
           f"the vision tower")

@@ -10,10 +10,16 @@ Two key layouts exist in the wild:
            needs a row permutation of wq/wk, see `convert_2025_02`.
 Nothing is matched loosely: missing, unexpected or mis-shaped keys are an error that names them.
 
-The JSON is written last and vouches for the files of one save: the step and the sha256 of the `.pth`
-and of the trained vision tower's `model.safetensors`. A run killed between writing them leaves files
-of two saves; `load_vlm` then refuses, naming the file that does not belong. It also refuses weights
-holding NaN or infinity (they would answer with an empty string, silently).
+A save is one unit (`save_vlm`). The JSON vouches for the files of one save: the step and the sha256 of
+the `.pth` and of the trained vision tower's `model.safetensors`. The new files are first written in full
+into a staging folder `<name>.saving/`; then ONE rename of the JSON switches to them (it names the staging
+folder as "staged"); then they are hard-linked to their usual names (`<name>.pth`, `<stage>_vision/`),
+the JSON is rewritten without "staged" and the staging folder removed. Whatever instant a run is killed
+at, the JSON on disk and the files it vouches for are one consistent save: `load_vlm` follows the JSON,
+taking each file where its sha256 matches (usual name first, else staged), and the next save finishes
+an interrupted switch first. Files that match nowhere (put together by hand from two saves) are refused,
+naming the file that does not belong. It also refuses weights holding NaN or infinity (they would answer
+with an empty string, silently).
 """
 
 from __future__ import annotations
@@ -22,14 +28,15 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import warnings
 
 import torch
 
-from .config import LMConfig, VisionConfig, VLMConfig
+from .config import LMConfig, VisionConfig, VLMConfig, config_from_file
 from .vision import CLIPVisionModel
 from .vlm import MiniMindVLM
-from ..common import atomic_write
+from ..common import atomic_link, atomic_write
 from .lm import rope_tables
 from ..data.tokenizer import Tokenizer
 from .weights import WeightsError, check_state_dict, load_state_dict, read_json
@@ -131,9 +138,35 @@ def config_path_for(weights) -> str:
 
 
 def read_meta(weights) -> dict:
-    """The JSON minivlm writes beside a checkpoint ({} for files without one)."""
+    """The JSON minivlm writes beside a checkpoint ({} for files without one), checked by check_meta."""
     path = config_path_for(weights)
-    return read_json(path) if os.path.isfile(path) else {}
+    return check_meta(read_json(path), path) if os.path.isfile(path) else {}
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def check_meta(meta, path) -> dict:
+    """Refuse a checkpoint JSON that cannot be what save_vlm wrote, naming the file and the field: the
+    config must build (sizes sane, heads dividing, known projector), and a "sha256" that is not a table
+    of real digests is an error, not a check silently skipped."""
+    if not isinstance(meta, dict) or "vlm" not in meta:
+        raise WeightsError(f"{path}: no \"vlm\" config (not a minivlm checkpoint JSON, or a damaged one)")
+    vocab = config_from_file(VLMConfig, meta["vlm"], path).lm.vocab_size
+    digests = meta.get("sha256", {})
+    if not isinstance(digests, dict) or set(digests) - {"weights", "vision"}:
+        raise WeightsError(f"{path}: field sha256 must map weights/vision to digests, got {digests!r:.80}")
+    for part, digest in digests.items():
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise WeightsError(f"{path}: field sha256.{part} {digest!r:.80} is not a sha256 hex digest")
+    for name, kind, ok in (("step", int, lambda v: v >= 0), ("tokenizer_vocab_size", int, lambda v: v > 0),
+                           ("placeholder_id", int, lambda v: 0 <= v < vocab), ("question_first", bool, None),
+                           ("vision_folder", str, None), ("format", str, lambda v: v.startswith("minivlm-checkpoint"))):
+        if name in meta:
+            v = meta[name]
+            if not isinstance(v, kind) or (kind is int and isinstance(v, bool)) or (ok and not ok(v)):
+                raise WeightsError(f"{path}: field {name} has an unusable value {v!r:.80}")
+    return meta
 
 
 def sha256_of(path) -> str:
@@ -144,19 +177,37 @@ def sha256_of(path) -> str:
     return h.hexdigest()
 
 
-def check_files(weights, saved: dict, check_vision: bool):
-    """The weights (and, when it is used, the saved vision tower) are the files the JSON was written
-    with: same sha256. A JSON without "sha256" (older minivlm) vouches for nothing and is not checked."""
-    digests = saved.get("sha256", {})
-    paths = {"weights": weights}
-    if check_vision and "vision_folder" in saved:
-        paths["vision"] = os.path.join(os.path.dirname(os.path.abspath(weights)), saved["vision_folder"],
-                                       "model.safetensors")
-    for part, path in paths.items():
-        if part in digests and os.path.isfile(path) and sha256_of(path) != digests[part]:
-            raise WeightsError(f"{path}: not the file saved with {config_path_for(weights)} (step "
-                               f"{saved.get('step', '?')}): a save was interrupted between its files, or one "
-                               f"was replaced; use the files of one save (or --resume the run to save again)")
+def saved_files(weights, saved: dict, check_vision: bool) -> tuple[str, str | None]:
+    """(weights file, vision folder) of the save the JSON vouches for: each where its sha256 matches,
+    at its usual name or, while a save switches over, in the staging folder the JSON names. A JSON
+    without "sha256" (older minivlm) vouches for nothing: the usual names are taken unchecked.
+    The vision folder is None when the JSON records none; unchecked when the caller brings a tower."""
+    folder = os.path.dirname(os.path.abspath(weights))
+    staged = staged_by(weights, saved)
+    digests, made = saved.get("sha256", {}), f"{config_path_for(weights)} (step {saved.get('step', '?')})"
+    found = _matching(made, weights, [os.path.join(staged, os.path.basename(weights))] if staged else [],
+                      digests.get("weights"))
+    if "vision_folder" not in saved:
+        return found, None
+    usual = os.path.join(folder, saved["vision_folder"])
+    if not check_vision:
+        return found, usual
+    file = _matching(made, os.path.join(usual, "model.safetensors"),
+                     [os.path.join(staged, "vision", "model.safetensors")] if staged else [], digests.get("vision"))
+    return found, os.path.dirname(file)
+
+
+def _matching(made: str, usual: str, others: list, digest: str | None) -> str:
+    """The first of `usual`, *others that exists with sha256 `digest` (any, when None); `usual` when none
+    exists (its loader then says it is missing); a WeightsError when files exist but none matches."""
+    present = [p for p in [usual, *others] if os.path.isfile(p)]
+    for path in present:
+        if digest is None or sha256_of(path) == digest:
+            return path
+    if not present:
+        return usual
+    raise WeightsError(f"{usual}: not the file saved with {made}: it was replaced, or put together from two "
+                       f"saves; use the files of one save (or --resume the run to save again)")
 
 
 def check_finite(model, source):
@@ -180,7 +231,9 @@ def load_vlm(weights, vision=None, dtype: torch.dtype | None = None, **config_ov
     saved = read_meta(weights) or None
     heads = config_overrides.get("num_attention_heads",
                                  saved["vlm"]["lm"]["num_attention_heads"] if saved else 8)
-    sd = to_2025_04(load_state_dict(weights), heads)
+    # The files the JSON vouches for (sha256-checked): mid-save, some are still in the staging folder.
+    file, vision_dir = saved_files(weights, saved, check_vision=vision is None) if saved else (weights, None)
+    sd = to_2025_04(load_state_dict(file), heads)
     if saved:
         tied = saved["vlm"]["lm"].get("tie_word_embeddings", True)
         check_tying(sd, tied, weights)
@@ -190,7 +243,7 @@ def load_vlm(weights, vision=None, dtype: torch.dtype | None = None, **config_ov
         del sd["lm_head.weight"]  # the embeddings: re-tied below instead of converted twice
     for k in list(sd):  # before the tower is read: the file's copy of each tensor goes once converted
         sd[k] = sd.pop(k).to(dtype)
-    vision_model = _vision_for(weights, vision, saved, dtype)
+    vision_model = _vision_for(weights, vision, saved, dtype, vision_dir)
     if saved:
         cfg = VLMConfig.from_dict(saved["vlm"])
         for k, v in config_overrides.items():
@@ -220,21 +273,19 @@ def load_vlm(weights, vision=None, dtype: torch.dtype | None = None, **config_ov
                                                                cfg.lm.rope_theta)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     assert not left, f"not loaded: {left}"  # a bug, not a user error: check_state_dict saw every key
-    if saved:
-        check_files(weights, saved, check_vision=vision is None)
     check_finite(model, weights)
     return model
 
 
-def _vision_for(weights, vision, saved, dtype) -> CLIPVisionModel:
-    """The tower load_vlm uses: given, from a folder, the one saved with the checkpoint, or random."""
+def _vision_for(weights, vision, saved, dtype, vision_dir) -> CLIPVisionModel:
+    """The tower load_vlm uses: given, from a folder, the one saved with the checkpoint (`vision_dir`,
+    found by saved_files), or random."""
     if isinstance(vision, CLIPVisionModel):
         return vision.to(dtype)  # in place (a no-op when it already is): one dtype for the whole model
     if vision is not None:
         return CLIPVisionModel.from_pretrained(vision, dtype=dtype)
-    if saved and "vision_folder" in saved:  # a tower trained together with this checkpoint
-        return CLIPVisionModel.from_pretrained(
-            os.path.join(os.path.dirname(os.path.abspath(weights)), saved["vision_folder"]), dtype=dtype)
+    if vision_dir is not None:  # a tower trained together with this checkpoint
+        return CLIPVisionModel.from_pretrained(vision_dir, dtype=dtype)
     vision_cfg = VisionConfig(**saved["vlm"]["vision"]) if saved else VisionConfig()
     warnings.warn(f"{weights}: no CLIP vision tower given (vision=...): it is randomly initialised, "
                   f"image features will be meaningless")
@@ -254,25 +305,81 @@ def load_lm_weights(model, path):
 
 def save_vlm(model: MiniMindVLM, path, dtype=torch.float16, vision_folder=None, question_first=False, step=None,
              tokenizer_vocab_size=None):
-    """Write the checkpoint (MiniMind-V 2025-04 layout, no CLIP keys), then `<name>.json` beside it.
-    vision_folder: where a trained vision tower was saved (recorded so load_vlm finds it).
+    """Write the checkpoint (MiniMind-V 2025-04 layout, no CLIP keys) and `<name>.json` beside it, as one
+    unit (see the module docstring): a kill at any instant leaves the previous save or this one loadable.
+    vision_folder: a folder beside `path` to save the model's vision tower in (a trained tower travels
+    with the checkpoint; load_vlm finds it through the JSON).
     question_first: the model was trained with questions before the images (eval_vlm.py's default).
     step, tokenizer_vocab_size: recorded, with the sha256 of each file, for load_vlm's checks."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    finish_save(path)  # a switch that a kill interrupted: completed first, its staging folder is reused
+    staging = staging_folder(path)
+    shutil.rmtree(staging, ignore_errors=True)  # what a save killed before its switch left: never vouched for
+    os.makedirs(staging)
+    staged = os.path.join(staging, os.path.basename(path))
     sd = {k: v.detach().to("cpu", dtype) for k, v in model.lm_state_dict().items()}
-    atomic_write(path, lambda f: torch.save(sd, f))
+    atomic_write(staged, lambda f: torch.save(sd, f))
     meta = {"format": "minivlm-checkpoint-1", "vlm": model.vlm_config.to_dict(),
             "placeholder_id": model.placeholder_id, "question_first": question_first,
-            "sha256": {"weights": sha256_of(path)}}
+            "sha256": {"weights": sha256_of(staged)}}
     if step is not None:
         meta["step"] = step
     if tokenizer_vocab_size is not None:
         meta["tokenizer_vocab_size"] = tokenizer_vocab_size
     if vision_folder is not None:
-        meta["vision_folder"] = os.path.relpath(vision_folder, os.path.dirname(os.path.abspath(path)))
-        meta["sha256"]["vision"] = sha256_of(os.path.join(vision_folder, "model.safetensors"))
-    atomic_write(config_path_for(path), json.dumps(meta, indent=2).encode())  # last: it vouches for the rest
+        model.vision_encoder.save_pretrained(os.path.join(staging, "vision"))
+        meta["vision_folder"] = os.path.relpath(vision_folder, folder)
+        meta["sha256"]["vision"] = sha256_of(os.path.join(staging, "vision", "model.safetensors"))
+    # The switch: one rename of the JSON, which from now on vouches for the staged files.
+    atomic_write(config_path_for(path), json.dumps({**meta, "staged": os.path.basename(staging)}, indent=2).encode())
+    finish_save(path)
+
+
+def staging_folder(path) -> str:
+    """Where save_vlm writes a save's files before the switch: `<name>.saving/` beside the checkpoint."""
+    return os.path.splitext(os.path.abspath(path))[0] + ".saving"
+
+
+def staged_by(path, meta: dict) -> str | None:
+    """The staging folder a switched save's JSON names, or None. Only `<name>.saving` beside the checkpoint
+    is ever one: anything else is a damaged JSON (finish_save removes the folder, so it is not trusted)."""
+    if "staged" not in meta:
+        return None
+    staging = staging_folder(path)
+    if meta["staged"] != os.path.basename(staging):
+        raise WeightsError(f"{config_path_for(path)}: field staged {meta['staged']!r:.80} is not "
+                           f"{os.path.basename(staging)!r} (a damaged checkpoint JSON)")
+    return staging
+
+
+def finish_save(path):
+    """Complete a switched save (its JSON names a staging folder): link each staged file to its usual name
+    (the vision tower's config.json before its weights, so that while only the config is new the weights
+    still match nowhere but in staging, where the whole tower is), then drop "staged" from the JSON, then
+    the staging folder. Idempotent: a kill anywhere in here is finished by the next call. A damaged JSON
+    names nothing to finish: the save about to be written replaces it."""
+    try:
+        meta = read_meta(path)
+        staging = staged_by(path, meta)
+    except WeightsError:
+        return
+    if staging is None:
+        return
+    del meta["staged"]
+    folder = os.path.dirname(os.path.abspath(path))
+    pairs = [(os.path.join(staging, os.path.basename(path)), path)]
+    if "vision_folder" in meta:
+        tower = os.path.join(folder, meta["vision_folder"])
+        os.makedirs(tower, exist_ok=True)
+        pairs += [(os.path.join(staging, "vision", n), os.path.join(tower, n))
+                  for n in ("config.json", "model.safetensors")]
+    for staged, usual in pairs:
+        if os.path.isfile(staged):  # the staging folder is removed only after the JSON stops naming it
+            atomic_link(staged, usual)
+    atomic_write(config_path_for(path), json.dumps(meta, indent=2).encode())
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def tokenizer_beside(weights) -> str:

@@ -12,7 +12,57 @@ Presets are plain functions returning fresh objects, so nobody mutates a shared 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A config field with an unusable value. `field` names it, dotted inside a VLMConfig (lm.hidden_size)."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name} {message}")
+        self.field, self.message = field_name, message
+
+
+# Upper bounds far above any real model (Llama-3's vocabulary is 128K, its context 128K tokens) and far
+# below what a damaged file could ask for: max_position_embeddings 1e12 would allocate terabytes of RoPE
+# table before a weight is compared with the model.
+MAX_WIDTH, MAX_LAYERS, MAX_VOCAB, MAX_POSITIONS, MAX_IMAGE_SIZE = 2**16, 1024, 2**21, 2**20, 4096
+
+
+def _int_field(cfg, name: str, lo: int, hi: int, prefix: str = ""):
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(prefix + name, f"must be an integer in [{lo}, {hi}], got {value!r}")
+
+
+def _float_field(cfg, name: str, lo: float, hi: float, open_hi: bool = False):
+    value = getattr(cfg, name)
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and lo <= value and (value < hi if open_hi else value <= hi))
+    if not ok:
+        raise ConfigError(name, f"must be a number in [{lo}, {hi}{')' if open_hi else ']'}, got {value!r}")
+
+
+def _choice_field(cfg, name: str, choices):
+    value = getattr(cfg, name)
+    if not isinstance(value, (str, bool)) or value not in choices:
+        raise ConfigError(name, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def config_from_file(cls, fields, path):
+    """`cls(**fields)` for a config read from the file `path`: a missing, unknown or unusable field is a
+    one-line WeightsError naming the file and the field (never a ZeroDivisionError from a head count 0,
+    nor a RoPE table sized by a damaged number)."""
+    from .weights import WeightsError  # the error the loaders' callers already report in one line
+    if not isinstance(fields, dict):
+        raise WeightsError(f"{path}: expected a JSON object of {cls.__name__} fields, got {type(fields).__name__}")
+    try:
+        return cls.from_dict(fields) if hasattr(cls, "from_dict") else cls(**fields)
+    except ConfigError as e:
+        raise WeightsError(f"{path}: field {e}") from None
+    except TypeError as e:  # an unknown or missing field name
+        raise WeightsError(f"{path}: {cls.__name__} {str(e).split('() ', 1)[-1]}") from None
 
 
 def ffn_width(hidden_size: int) -> int:
@@ -48,16 +98,31 @@ class LMConfig:
     attn_impl: str = "sdpa"
 
     def __post_init__(self):
-        if self.intermediate_size is None:
+        if self.intermediate_size is None and isinstance(self.hidden_size, int):
             self.intermediate_size = ffn_width(self.hidden_size)
+        for name, hi in (("vocab_size", MAX_VOCAB), ("hidden_size", MAX_WIDTH), ("num_hidden_layers", MAX_LAYERS),
+                         ("num_attention_heads", MAX_WIDTH), ("num_key_value_heads", MAX_WIDTH),
+                         ("intermediate_size", 16 * MAX_WIDTH), ("max_position_embeddings", MAX_POSITIONS),
+                         ("n_routed_experts", 1024), ("num_experts_per_tok", 1024)):
+            _int_field(self, name, 1, hi)
+        _int_field(self, "n_shared_experts", 0, 1024)
+        _float_field(self, "rope_theta", 1e-6, 1e12)
+        _float_field(self, "rms_norm_eps", 0, 1, open_hi=True)
+        _float_field(self, "dropout", 0, 1, open_hi=True)
+        _float_field(self, "aux_loss_alpha", 0, 1e6)
+        for name in ("use_moe", "norm_topk_prob", "tie_word_embeddings"):
+            _choice_field(self, name, (True, False))
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
-                             f"num_attention_heads {self.num_attention_heads}")
+            raise ConfigError("hidden_size", f"{self.hidden_size} is not divisible by "
+                                             f"num_attention_heads {self.num_attention_heads}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
-                             f"num_key_value_heads {self.num_key_value_heads}")
+            raise ConfigError("num_attention_heads", f"{self.num_attention_heads} is not a multiple of "
+                                                     f"num_key_value_heads {self.num_key_value_heads}")
         if self.attn_impl not in ("sdpa", "eager"):
-            raise ValueError(f"attn_impl must be 'sdpa' or 'eager', got {self.attn_impl!r}")
+            raise ConfigError("attn_impl", f"must be 'sdpa' or 'eager', got {self.attn_impl!r}")
+        if self.use_moe and self.num_experts_per_tok > self.n_routed_experts:
+            raise ConfigError("num_experts_per_tok", f"{self.num_experts_per_tok} is more than n_routed_experts "
+                                                     f"{self.n_routed_experts}")
 
     @property
     def head_dim(self) -> int:
@@ -83,13 +148,20 @@ class VisionConfig:
     select_feature: str = "patch"
 
     def __post_init__(self):
+        for name, hi in (("hidden_size", MAX_WIDTH), ("intermediate_size", 16 * MAX_WIDTH),
+                         ("num_hidden_layers", MAX_LAYERS), ("num_attention_heads", MAX_WIDTH),
+                         ("image_size", MAX_IMAGE_SIZE), ("patch_size", MAX_IMAGE_SIZE), ("num_channels", 64),
+                         ("projection_dim", MAX_WIDTH)):
+            _int_field(self, name, 1, hi)
+        _float_field(self, "layer_norm_eps", 0, 1, open_hi=True)
+        _choice_field(self, "hidden_act", ("quick_gelu", "gelu"))  # what vision.CLIPMLP implements
+        _choice_field(self, "select_feature", ("patch", "cls_patch"))
+        _int_field(self, "select_layer", -(self.num_hidden_layers + 1), self.num_hidden_layers)
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError("hidden_size", f"{self.hidden_size} is not divisible by "
+                                             f"num_attention_heads {self.num_attention_heads}")
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.select_feature not in ("patch", "cls_patch"):
-            raise ValueError(f"select_feature must be 'patch' or 'cls_patch', got {self.select_feature!r}")
-        if not -(self.num_hidden_layers + 1) <= self.select_layer <= self.num_hidden_layers:
-            raise ValueError(f"select_layer {self.select_layer} is out of range for "
-                             f"{self.num_hidden_layers} layers")
+            raise ConfigError("image_size", f"{self.image_size} is not a multiple of patch_size {self.patch_size}")
 
     @property
     def num_patches(self) -> int:
@@ -106,13 +178,22 @@ class VLMConfig:
     placeholder_id: int = 34
 
     def __post_init__(self):
-        # Accept nested dicts (as read back from JSON).
-        if isinstance(self.lm, dict):
-            self.lm = LMConfig(**self.lm)
-        if isinstance(self.vision, dict):
-            self.vision = VisionConfig(**self.vision)
-        if self.projector_type not in ("linear", "mlp2x_gelu", "identity"):
-            raise ValueError(f"unknown projector_type {self.projector_type!r}")
+        # Accept nested dicts (as read back from JSON); an error inside names the field as lm.<field>.
+        for part, kind in (("lm", LMConfig), ("vision", VisionConfig)):
+            value = getattr(self, part)
+            if isinstance(value, kind):
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(part, f"must be an object of {kind.__name__} fields, got {type(value).__name__}")
+            try:
+                setattr(self, part, kind(**value))
+            except ConfigError as e:
+                raise ConfigError(f"{part}.{e.field}", e.message) from None
+            except TypeError as e:
+                raise ConfigError(part, str(e).split("() ", 1)[-1]) from None
+        _choice_field(self, "projector_type", ("linear", "mlp2x_gelu", "identity"))
+        # The placeholder is looked up in the embedding table like any token before its rows are replaced.
+        _int_field(self, "placeholder_id", 0, self.lm.vocab_size - 1)
 
     @property
     def run_length(self) -> int:

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import VisionConfig
+from .config import VisionConfig, config_from_file
 from ..common import atomic_write
 from .weights import WeightsError, load_checked, load_state_dict, read_json, write_safetensors
 
@@ -232,13 +232,13 @@ def read_config_json(folder) -> tuple[str, dict]:
 
 def read_clip_config(folder, **overrides) -> VisionConfig:
     """Read `config.json` of a Hugging Face CLIP folder (full or vision-only) into a VisionConfig."""
-    _, raw = read_config_json(folder)
+    path, raw = read_config_json(folder)
     sub = raw.get("vision_config") or raw  # a full CLIPModel nests it; a vision-only folder does not
     fields = {k: sub.get(k, v) for k, v in _HF_VISION_DEFAULTS.items()}
     fields["projection_dim"] = raw.get("projection_dim", fields["projection_dim"])
     fields.update(sub.get("minivlm", {}))  # feature selection saved by minivlm's save_pretrained
     fields.update(overrides)
-    return VisionConfig(**fields)
+    return config_from_file(VisionConfig, fields, path)  # patch_size 0, an unknown activation: named
 
 
 # Keys of a full CLIP file that the vision tower never needs.

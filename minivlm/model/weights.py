@@ -52,13 +52,16 @@ def read_safetensors(path, keys=None, dtype: torch.dtype | None = None) -> dict[
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         header, body_start = _read_header(f, path, size)
+        # The whole header is checked before a single tensor byte is read: a file that lies about one
+        # tensor is refused as a whole, not half-loaded.
+        entries = check_header(path, header, size - body_start)
         wanted = keys if keys is None or callable(keys) else set(keys).__contains__
         tensors, scratch = {}, torch.empty(0, dtype=torch.uint8)
-        for name, info in header.items():
-            if name == "__metadata__" or (wanted is not None and not wanted(name)):
+        for name, (stored, shape, begin, end) in entries.items():
+            if wanted is not None and not wanted(name):
                 continue
-            stored, shape, nbytes = _check_entry(path, name, info, size - body_start)
-            f.seek(body_start + info["data_offsets"][0])
+            nbytes = end - begin
+            f.seek(body_start + begin)
             convert = dtype is not None and stored.is_floating_point and stored != dtype
             if not convert:
                 t = torch.empty(shape, dtype=stored)
@@ -72,6 +75,11 @@ def read_safetensors(path, keys=None, dtype: torch.dtype | None = None) -> dict[
     return tensors
 
 
+# A header is a few KB per tensor at most; anything past this is a damaged length field, and reading it
+# whole would allocate whatever the 8 bytes claim.
+MAX_HEADER_BYTES = 100 * 2**20
+
+
 def _read_header(f, path, size):
     """-> (header dict, offset of the first tensor byte)."""
     if size < 8:
@@ -79,27 +87,82 @@ def _read_header(f, path, size):
     (n,) = struct.unpack("<Q", f.read(8))
     if 8 + n > size:
         raise WeightsError(f"{path}: header length {n} runs past the end of the file ({size} bytes)")
+    if n > MAX_HEADER_BYTES:
+        raise WeightsError(f"{path}: header length {n} is implausibly large (over {MAX_HEADER_BYTES} bytes)")
     try:
-        header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{path}: header is not valid JSON ({e})") from None
+        header = json.loads(f.read(n).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise WeightsError(f"{path}: header is not valid JSON ({one_line_of(e)})") from None
+    except RecursionError:  # `[[[[…` nested deeper than the JSON parser's stack
+        raise WeightsError(f"{path}: header is not valid JSON (nested too deeply)") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: header is a JSON {type(header).__name__}, not an object of tensors")
     return header, 8 + n
 
 
+def one_line_of(e) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # JSON true would otherwise count as 1
+
+
+def check_header(path, header: dict, body_len: int) -> dict:
+    """Validate every entry of a safetensors header -> {name: (dtype, shape, begin, end)}, in file order.
+
+    Each tensor: a known dtype, a shape of non-negative ints, data_offsets [begin, end] with
+    0 <= begin <= end <= body_len and end - begin = numel * itemsize; no two tensors share a byte;
+    `__metadata__`, if present, maps strings to strings. A WeightsError names the file and the tensor."""
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                     for k, v in info.items()):
+                raise WeightsError(f"{path}: __metadata__ must map strings to strings, got {_short(info)}")
+            continue
+        entries[name] = _check_entry(path, name, info, body_len)
+    spans = sorted((begin, end, name) for name, (_, _, begin, end) in entries.items() if end > begin)
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise WeightsError(f"{path}: tensors {a!r} and {b!r} overlap (bytes {begin_b}..{end_a} belong to both)")
+    return entries
+
+
+def _short(x, n=60) -> str:
+    text = repr(x)
+    return text if len(text) <= n else text[:n] + "…"
+
+
 def _check_entry(path, name, info, body_len):
-    """One header entry -> (dtype, shape, byte count), or a WeightsError if it cannot be read."""
-    dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+    """One header entry -> (dtype, shape, begin, end), or a WeightsError if it cannot be read."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(info, dict):
+        raise WeightsError(f"{where}: header entry is {_short(info)}, not an object with dtype, shape, data_offsets")
+    extra = set(info) - {"dtype", "shape", "data_offsets"}
+    missing = {"dtype", "shape", "data_offsets"} - set(info)
+    if missing or extra:
+        raise WeightsError(f"{where}: header entry has {'missing ' + ', '.join(sorted(missing)) if missing else ''}"
+                           f"{'; ' if missing and extra else ''}{'unknown ' + ', '.join(sorted(extra)) if extra else ''}")
+    dtype = SAFETENSORS_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
     if dtype is None:
-        raise WeightsError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-    shape, (begin, end) = info["shape"], info["data_offsets"]
+        raise WeightsError(f"{where} has unsupported dtype {_short(info['dtype'])}")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+        raise WeightsError(f"{where}: shape {_short(shape)} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise WeightsError(f"{where}: data_offsets {_short(offsets)} is not a pair of integers [begin, end]")
+    begin, end = offsets
+    if not 0 <= begin <= end <= body_len:
+        raise WeightsError(f"{where}: byte range [{begin}, {end}) is not inside the {body_len}-byte body")
     numel = 1
     for s in shape:
-        numel *= s
+        numel *= s  # Python ints: a huge shape gives a huge number, not an overflow
     itemsize = torch.empty((), dtype=dtype).element_size()
-    if end - begin != numel * itemsize or end > body_len:
-        raise WeightsError(f"{path}: tensor {name!r} of shape {shape} does not fit its byte range "
-                           f"[{begin}, {end}) in a {body_len}-byte body")
-    return dtype, shape, end - begin
+    if end - begin != numel * itemsize:
+        raise WeightsError(f"{where} of shape {shape} does not fit its byte range "
+                           f"[{begin}, {end}) ({end - begin} bytes, the shape needs {numel * itemsize})")
+    return dtype, shape, begin, end
 
 
 def _read_into(f, dest: torch.Tensor, path, name):
@@ -193,6 +256,9 @@ def read_json(path) -> dict:
         raise WeightsError(f"{path}: not found")
     with open(path, encoding="utf-8") as f:
         try:
-            return json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise WeightsError(f"{path}: invalid JSON ({e})") from None
+            value = json.load(f)
+        except (ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, a 5000-digit number
+            raise WeightsError(f"{path}: invalid JSON ({one_line_of(e) or 'nested too deeply'})") from None
+    if not isinstance(value, dict):  # every caller reads fields out of it
+        raise WeightsError(f"{path}: expected a JSON object, got a {type(value).__name__}")
+    return value

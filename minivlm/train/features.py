@@ -13,10 +13,17 @@ A store is a folder:
     features.bin    every image's features back to back, (images, 196, 768), raw little-endian values
                     (bf16 stored as its 16 bits), read through numpy.memmap
     manifest.json   what made it (vision folder sha256, select_layer, select_feature, image_size,
-                    preprocessing, dtype, the data files with size and mtime) and `offsets`: the images
+                    preprocessing, dtype, the data files with size and mtime, and for a jsonl file its
+                    images folder and every image it read, with size and mtime) and `offsets`: the images
                     of sample i are rows offsets[i] .. offsets[i+1]. Written with "complete": false
                     first and "complete": true last, so a store whose run was killed is recognised.
 The vision hash is the sha256 of the folder's weights file (model.safetensors, else pytorch_model.bin).
+
+Training refuses a store that no longer describes its inputs. Images are compared by size and mtime (in
+nanoseconds), not by content: a stat per image costs ~1 s per 100K images at every start, where hashing
+them would read the whole image folder again (tens of GB for MiniMind-V's data) and cost about what building
+the store did. What it misses: an image replaced by one of the same size with its old mtime forced back
+(`touch -d`, `cp -p` of a same-size file); rebuild by hand after such surgery.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from ..data.processing import preprocess_image
 from ..model.vision import CLIPVisionModel, clip_weights_file
 from ..model.weights import WeightsError
 
-FORMAT = "minivlm-features-1"
+FORMAT = "minivlm-features-2"  # 2: the images of each jsonl file are stamped (1 stamped only the jsonl)
 PREPROCESSING = "clip: rgb, resize shortest side bicubic, center crop, CLIP mean/std (processing.preprocess_image)"
 _NUMPY = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}  # bf16: numpy has none, keep the bits
 
@@ -45,6 +52,37 @@ _NUMPY = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}  # bf16: nu
 def file_stamp(path) -> dict:
     st = os.stat(path)
     return {"path": os.path.abspath(path), "size": st.st_size, "mtime": st.st_mtime}
+
+
+def image_stamp(path) -> list | None:
+    """[size, mtime in ns] of an image file, None if there is none (a missing image that appears later
+    changes the store's contents as much as one that is replaced)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+class StampingLoader:
+    """A VLMDataset.image_loader that stamps every image it is asked for before loading it: the store
+    then records exactly the files its features came from, named relative to the images folder."""
+
+    def __init__(self, load, images_dir):
+        self.load, self.images_dir, self.stamps = load, images_dir, {}
+
+    def __call__(self, path):
+        self.stamps[os.path.relpath(path, self.images_dir)] = image_stamp(path)
+        return self.load(path)
+
+
+def rebuild_command(m: dict, folder) -> str:
+    """The `python -m minivlm.features` command that (re)builds the store `folder` for what its manifest names."""
+    data = " ".join(d.get("path", "?") for d in m.get("data", []) if isinstance(d, dict))
+    images = f" --images {m['images_arg']}" if m.get("images_arg") else ""
+    vision = m.get("vision", {}).get("folder", "CLIP_FOLDER") if isinstance(m.get("vision"), dict) else "CLIP_FOLDER"
+    return (f"python -m minivlm.features --data {data}{images} --vision {vision} --out {folder} "
+            f"--dtype {m.get('dtype', 'fp16')}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,18 +98,24 @@ class FeatureStore:
         if not os.path.isfile(path):
             raise UserError(f"--features {self.folder}: no manifest.json (not a feature store, or its "
                             f"`python -m minivlm.features` run never started writing)")
-        with open(path, encoding="utf-8") as f:
-            self.manifest = json.load(f)
-        if self.manifest.get("format") != FORMAT or not self.manifest.get("complete"):
+        self.manifest = read_manifest(path)
+        if self.manifest.get("format") != FORMAT:
+            raise UserError(f"--features {self.folder}: a store of format {self.manifest.get('format')!r}, this "
+                            f"minivlm reads {FORMAT!r}; rebuild it: {rebuild_command(self.manifest, self.folder)}")
+        if self.manifest.get("complete") is not True:
             raise UserError(f"--features {self.folder}: incomplete store (its run was stopped before the end); "
-                            f"run python -m minivlm.features again")
+                            f"run python -m minivlm.features again: {rebuild_command(self.manifest, self.folder)}")
+        check_manifest(self.manifest, path)
         self.offsets = np.asarray(self.manifest["offsets"], dtype=np.int64)
-        self.bad = set(self.manifest.get("bad", []))
+        self.bad = set(self.manifest["bad"])
         self.shape = tuple(self.manifest["shape"])  # (196, 768)
+        check_features_file(self.folder, self.manifest)
         self._mm = None
 
     def __getstate__(self):
-        return {**self.__dict__, "_mm": None}  # a spawned worker maps the file itself
+        # A spawned worker maps the file itself, and needs no image stamps (one per image of the data).
+        data = [{k: v for k, v in d.items() if k != "images"} for d in self.manifest["data"]]
+        return {**self.__dict__, "manifest": {**self.manifest, "data": data}, "_mm": None}
 
     def rows(self):
         if self._mm is None:
@@ -101,11 +145,32 @@ class FeatureStore:
         stamps = [file_stamp(p) for p in data_paths]
         if [s["path"] for s in stamps] != [d["path"] for d in m["data"]]:
             raise UserError(f"--features {self.folder}: made from {[d['path'] for d in m['data']]}, this run "
-                            f"reads {[s['path'] for s in stamps]}")
+                            f"reads {[s['path'] for s in stamps]}; build a store for them: python -m minivlm.features")
         for old, new in zip(m["data"], stamps):
             if (old["size"], old["mtime"]) != (new["size"], new["mtime"]):
                 raise UserError(f"--features {self.folder}: {new['path']} changed since the store was made "
-                                f"(size/mtime {old['size']}/{old['mtime']} -> {new['size']}/{new['mtime']})")
+                                f"(size/mtime {old['size']}/{old['mtime']} -> {new['size']}/{new['mtime']}); "
+                                f"rebuild it: {rebuild_command(m, self.folder)}")
+        want = (vision_config.num_patches + (vision_config.select_feature == "cls_patch"), vision_config.hidden_size)
+        if self.shape != want:
+            raise UserError(f"--features {self.folder}: features of shape {self.shape}, this tower gives {want}; "
+                            f"rebuild it: {rebuild_command(m, self.folder)}")
+
+    def check_images(self, datasets):
+        """Refuse a store built from another images folder, or whose images changed since (size / mtime)."""
+        for d, part in zip(self.manifest["data"], datasets):
+            if "images" not in d:  # a parquet file: its images are inside it, stamped with it
+                continue
+            here = os.path.abspath(getattr(part, "images_dir", None) or "")
+            if here != d["images_dir"]:
+                raise UserError(f"--features {self.folder}: built from the images in {d['images_dir']}, this run "
+                                f"reads {here} (--images); rebuild it: {rebuild_command(self.manifest, self.folder)}")
+            for name, stamp in d["images"].items():
+                now = image_stamp(os.path.join(here, name))
+                if now != stamp:
+                    what = "is gone" if now is None else "appeared" if stamp is None else "changed"
+                    raise UserError(f"--features {self.folder}: image {os.path.join(here, name)} {what} since the "
+                                    f"store was built; rebuild it: {rebuild_command(self.manifest, self.folder)}")
 
     def for_file(self, k: int) -> "FileFeatures":
         return FileFeatures(self, int(self.manifest["data"][k]["first_sample"]))
@@ -148,6 +213,7 @@ def use_store(cfg, dataset, vision_config, data_paths):
                         "trained: drop --train-vision (or --features)")
     store = FeatureStore(cfg.features)
     store.check(cfg.vision, vision_config, data_paths)
+    store.check_images(getattr(dataset, "datasets", [dataset]))
     attach(store, dataset)
 
 
@@ -196,7 +262,10 @@ def build_store(data_paths, images_dir, vision_folder, out, dtype="fp16", batch_
     for p, d in zip(data_paths, datasets):
         data.append({**file_stamp(p), "first_sample": first})
         first += len(d)
+        if not p.endswith(".parquet"):  # a jsonl file: its images are files of their own, stamped as read
+            d.image_loader = StampingLoader(d.image_loader, os.path.abspath(d.images_dir))
     manifest = {"format": FORMAT, "complete": False, "dtype": dtype, "shape": None,
+                "images_arg": os.path.abspath(images_dir) if images_dir else None,
                 "vision": {"folder": os.path.abspath(vision_folder), "sha256_of": os.path.basename(
                            clip_weights_file(vision_folder)), "sha256": sha256_of(clip_weights_file(vision_folder)),
                            "select_layer": c.select_layer, "select_feature": c.select_feature,
@@ -216,10 +285,77 @@ def build_store(data_paths, images_dir, vision_folder, out, dtype="fp16", batch_
                 rows += len(feats)
             offsets.append(rows)
             progress.update(i + 1)
+    if bad and not rows:  # not one image read: the wrong --images, most likely, not a data set of broken images
+        raise UserError(f"no image of {', '.join(data_paths)} could be read (all {len(bad)} samples with images "
+                        f"failed; is --images {images_dir or '(beside the jsonl)'} the right folder?)")
+    for entry, d in zip(data, datasets):
+        if isinstance(getattr(d, "image_loader", None), StampingLoader):
+            entry.update(images_dir=d.image_loader.images_dir, images=d.image_loader.stamps)
     manifest.update(complete=True, offsets=offsets, bad=bad, images=rows,
                     shape=manifest["shape"] or [tower.config.num_patches, c.hidden_size])
     write_manifest(out, manifest)  # last: it vouches for features.bin
     return manifest
+
+
+def read_manifest(path) -> dict:
+    """manifest.json -> dict; unreadable or not a JSON object: a UserError naming it."""
+    if not os.path.isfile(path):
+        raise UserError(f"--features {os.path.dirname(path)}: no manifest.json (not a feature store, or its "
+                        f"`python -m minivlm.features` run never started writing)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            m = json.load(f)
+    except (ValueError, RecursionError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise UserError(f"{path}: not valid JSON ({one_line(e)}); rebuild the store with python -m minivlm.features")
+    if not isinstance(m, dict):
+        raise UserError(f"{path}: not a feature store manifest (a JSON {type(m).__name__})")
+    return m
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_manifest(m: dict, path):
+    """Every field a complete store's reader uses has the type and range it must have: a damaged manifest
+    is one line naming the field, not a KeyError or a memmap of the wrong size later in a DataLoader worker."""
+    def need(ok, field, why):
+        if not ok:
+            raise UserError(f"{path}: field {field} {why}; rebuild the store with python -m minivlm.features")
+
+    for key in ("dtype", "shape", "offsets", "bad", "data", "vision", "preprocessing"):
+        need(key in m, key, "is missing")
+    need(m["dtype"] in _NUMPY, "dtype", f"{m['dtype']!r:.40} is not one of {', '.join(_NUMPY)}")
+    shape = m["shape"]
+    need(isinstance(shape, list) and len(shape) == 2 and all(_is_int(s) and 0 < s <= 2**16 for s in shape),
+         "shape", f"{shape!r:.40} is not [features per image, width]")
+    offsets = m["offsets"]
+    need(isinstance(offsets, list) and offsets and all(_is_int(o) for o in offsets) and offsets[0] == 0
+         and all(a <= b for a, b in zip(offsets, offsets[1:])), "offsets", "is not a rising list of rows from 0")
+    samples = len(offsets) - 1
+    need(isinstance(m["bad"], list) and all(_is_int(b) and 0 <= b < samples for b in m["bad"]), "bad",
+         f"is not a list of sample indices below {samples}")
+    need(isinstance(m["vision"], dict) and all(k in m["vision"] for k in ("folder", "sha256", "select_layer",
+         "select_feature", "image_size")), "vision", "does not record the tower the store was made with")
+    data = m["data"]
+    need(isinstance(data, list) and data and all(isinstance(d, dict) for d in data), "data", "is not a list of files")
+    for k, d in enumerate(data):
+        need(all(key in d for key in ("path", "size", "mtime", "first_sample")) and _is_int(d["first_sample"])
+             and 0 <= d["first_sample"] <= samples, f"data[{k}]", "lacks path, size, mtime or first_sample")
+        if "images" in d:
+            need(isinstance(d.get("images_dir"), str) and isinstance(d["images"], dict), f"data[{k}].images",
+                 "is not a table of image stamps with its images_dir")
+
+
+def check_features_file(folder, m: dict):
+    """features.bin holds exactly the rows the manifest promises (a short file would fail in a worker)."""
+    path = os.path.join(folder, "features.bin")
+    want = m["offsets"][-1] * m["shape"][0] * m["shape"][1] * np.dtype(_NUMPY[m["dtype"]]).itemsize
+    have = os.path.getsize(path) if os.path.isfile(path) else None
+    if have != want:
+        raise UserError(f"{path}: {'missing' if have is None else f'{have} bytes'}, the manifest promises {want} "
+                        f"({m['offsets'][-1]} images of {m['shape']} {m['dtype']}); rebuild it: "
+                        f"{rebuild_command(m, folder)}")
 
 
 def write_manifest(out, manifest):

@@ -24,7 +24,6 @@ What the loop guarantees:
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
 import gc
 import os
@@ -51,8 +50,8 @@ from ..model.weights import WeightsError
 from .config import TrainConfig, parse
 from .features import use_store
 from .optim import lr_factor, make_optimizer, set_lr, set_trainable, trainable_counts
-from .resume import (CSV_FIELDS, Paths, Saver, StopRequest, check_out, checkpoint_name, ignore_signals,
-                     prepare_out, restore, save, stop_requested)
+from .resume import (CSV_FIELDS, Paths, Saver, StopRequest, append_log, check_out, checkpoint_name,
+                     ignore_signals, prepare_out, restore, save, stop_requested)
 from .sampler import EpochSampler, approx_lengths
 
 
@@ -242,7 +241,7 @@ def log_step(env: Setup, paths: Paths, meter: Meter, progress: Progress, epoch, 
     """Print one line and append the same numbers to the CSV."""
     eta, mean_loss = progress.eta(step), meter.loss.item() / steps_logged
     metric = round(meter.extra.item() / meter.micro_batches, 3) if meter.micro_batches else ""
-    row = dict(epoch=epoch + 1, step=step, total_steps=progress.total, loss=round(mean_loss, 4),
+    row = dict(epoch=epoch + 1, step=step, steps=steps_logged, total_steps=progress.total, loss=round(mean_loss, 4),
                lr=f"{lr:.3g}", samples_per_s=round(meter.samples / dt, 1),
                tokens_per_s=round(meter.tokens.item() * env.world / dt, 1), elapsed_s=round(progress.elapsed(), 1),
                eta_s=round(eta, 1), peak_mem_mb=round(peak_memory_mb(env.device), 1), attn_on_target=metric)
@@ -251,8 +250,7 @@ def log_step(env: Setup, paths: Paths, meter: Meter, progress: Progress, epoch, 
            f"elapsed {fmt_time(progress.elapsed())} ETA {fmt_time(eta)} peak {row['peak_mem_mb']:.0f} MB"
            + (f" {extra.name} {metric:.2f}" if meter.micro_batches else ""))
     if env.rank == 0:
-        with open(paths.csv, "a", newline="") as f:
-            csv.DictWriter(f, CSV_FIELDS).writerow(row)
+        append_log(paths.csv, row)
     meter.reset()
 
 

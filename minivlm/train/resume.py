@@ -12,13 +12,13 @@ must be the ones the run started with; a changed one is refused, naming it (old 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
 import pickle
 import random
 import re
-import shutil
 import signal
 import tempfile
 from dataclasses import dataclass
@@ -28,10 +28,12 @@ import torch
 import torch.distributed as dist
 
 from ..model.checkpoint import save_vlm
-from ..common import UserError, atomic_write, is_main_process, print0
+from ..common import UserError, atomic_copy, atomic_write, is_main_process, print0, write_error
 from ..model.weights import TORCH_LOAD_ERRORS
 
-CSV_FIELDS = ["epoch", "step", "total_steps", "loss", "lr", "samples_per_s", "tokens_per_s",
+# steps: how many steps the row's loss averages (--log-every, fewer in the first row after a --resume
+# that restored between two rows: the mean of exactly the steps since the resume, labelled so).
+CSV_FIELDS = ["epoch", "step", "steps", "total_steps", "loss", "lr", "samples_per_s", "tokens_per_s",
               "elapsed_s", "eta_s", "peak_mem_mb", "attn_on_target"]
 
 # The flags that fix the data order and the step count (plus the process count, recorded as "world").
@@ -77,13 +79,14 @@ def prepare_out(cfg, paths: Paths, step: int):
     remove_stale_tmp(paths.out)
     tok_file = os.path.join(cfg.tokenizer, "tokenizer.json") if os.path.isdir(cfg.tokenizer) else cfg.tokenizer
     tok_copy = os.path.join(paths.out, "tokenizer.json")
-    if os.path.abspath(tok_file) != os.path.abspath(tok_copy):
-        shutil.copyfile(tok_file, tok_copy)
-    if not cfg.resume or not os.path.isfile(paths.csv):
-        with open(paths.csv, "w", newline="") as f:
-            csv.writer(f).writerow(CSV_FIELDS)
-    else:
-        trim_csv(paths.csv, step)
+    with writing(tok_copy):
+        if not (os.path.exists(tok_copy) and os.path.samefile(tok_file, tok_copy)):
+            atomic_copy(tok_file, tok_copy)
+    with writing(paths.csv):
+        if not cfg.resume or not os.path.isfile(paths.csv):
+            atomic_write(paths.csv, csv_text([]))
+        else:
+            trim_csv(paths.csv, step)
 
 
 @dataclass
@@ -109,32 +112,66 @@ def save(sv: Saver, model, optimizer, scaler, step, final=False):
 
 
 def write_save(sv: Saver, model, optimizer, scaler, step, rngs, final):
-    vision_dir = None
-    if sv.cfg.train_vision:  # a trained tower must travel with the checkpoint
-        vision_dir = os.path.join(sv.paths.out, f"{sv.stage}_vision")
-        model.vision_encoder.save_pretrained(vision_dir)
-    save_vlm(model, sv.paths.ckpt, vision_folder=vision_dir, question_first=sv.q_first, step=step,
-             tokenizer_vocab_size=sv.vocab)
+    """The checkpoint as one unit (save_vlm: a kill anywhere leaves the previous save or this one), then
+    the resume state (one atomic file). A kill between the two leaves a resume state one save behind the
+    checkpoint: --resume redoes those steps, bit for bit, and saves them again."""
+    # A trained tower must travel with the checkpoint.
+    vision_dir = os.path.join(sv.paths.out, f"{sv.stage}_vision") if sv.cfg.train_vision else None
+    with writing(sv.paths.ckpt):
+        save_vlm(model, sv.paths.ckpt, vision_folder=vision_dir, question_first=sv.q_first, step=step,
+                 tokenizer_vocab_size=sv.vocab)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
              "step": step, "rng": rngs, "args": {**sv.cfg.record(), "world": sv.world}}
-    atomic_write(sv.paths.resume, lambda f: torch.save(state, f))
+    with writing(sv.paths.resume):
+        atomic_write(sv.paths.resume, lambda f: torch.save(state, f))
     print0(f"saved {sv.paths.ckpt}" + (" (final)" if final else f" at step {step}"))
 
 
+@contextlib.contextmanager
+def writing(path):
+    """An OSError while writing (a full disk, no permission) ends the run as one line naming the file and
+    the system's reason, e.g. `error: out/resume_sft.pt: No space left on device`; atomic writes leave
+    the old file whole."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"cannot write {write_error(e, path)}") from None
+
+
+def csv_text(rows: list[dict]) -> bytes:
+    """The log with the current header and `rows` (dicts; a field a row lacks stays empty)."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue().encode()
+
+
+def append_log(path, row: dict):
+    """Add one row to the CSV log: the whole file rewritten through atomic_write (a log is small), so a
+    kill or a full disk never leaves half a row."""
+    with writing(path):
+        with open(path, "rb") as f:
+            old = f.read()
+        text = io.StringIO(newline="")
+        csv.DictWriter(text, CSV_FIELDS).writerow(row)
+        atomic_write(path, [old, text.getvalue().encode()])
+
+
 def trim_csv(path, step: int):
-    """Drop log rows past `step`: they came from steps the resumed run is about to redo."""
+    """Drop log rows past `step`: they came from steps the resumed run is about to redo. A log of an
+    older version (other columns) is rewritten with the current header, so new rows line up."""
     if not os.path.isfile(path):
         return
     with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows or "step" not in rows[0]:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        header = reader.fieldnames
+    if not header or "step" not in header:
         return
-    col = rows[0].index("step")
-    keep = [rows[0]] + [r for r in rows[1:] if len(r) > col and r[col].isdigit() and int(r[col]) <= step]
-    if len(keep) != len(rows):
-        text = io.StringIO(newline="")
-        csv.writer(text).writerows(keep)
-        atomic_write(path, text.getvalue().encode())
+    keep = [r for r in rows if (r.get("step") or "").isdigit() and int(r["step"]) <= step]
+    if len(keep) != len(rows) or header != CSV_FIELDS:
+        atomic_write(path, csv_text(keep))
 
 
 _TMP = re.compile(r"\.tmp(\d+)$")

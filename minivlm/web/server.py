@@ -2,12 +2,14 @@
 
     python -m minivlm.web [--weights W.pth] [--vision CLIP_DIR] [--tokenizer T.json] [--port 8000]
 
-Python's standard library serves one static page (`web_static/index.html`, plain JavaScript, nothing
+Python's standard library serves one static page (`static/index.html`, plain JavaScript, nothing
 fetched from the internet) and a small JSON API:
 
-    GET  /                 the page
-    GET  /api/info         the model's shape (image size, patch grid, layers), the samples, the limits
-    POST /api/image        {"sample": name} or {"data": base64 / data URL} -> an id and the crop the model gets
+    GET  /                 the page (HEAD works wherever GET does; other methods get 405 and an Allow header)
+    GET  /api/info         the model's shape (image size, patch grid, layers), the samples, the limits (the
+                           upload limit the page checks files against: max_upload_bytes)
+    POST /api/image        {"sample": name} or {"data": base64 / data URL, "name": file name} -> an id, the
+                           crop the model gets, the original size, a note when the demo model meets a non-shapes image
     POST /api/chat         {"messages": [...], "sampling": {...}} -> server-sent events, read with fetch():
                            prompt (the ids, image runs as blocks), token (one per new token: probability,
                            top-5, attention onto the image patches), done (timings), error
@@ -18,18 +20,17 @@ back to the model, through the one prompt path (`prompt.user_turn` -> `generate.
 `watch.watch` is the decoding loop of `generate.py` once more, recording what a learner wants to see.
 
 Safe by default: it binds 127.0.0.1, bodies and images are size-limited, one generation runs at a time
-(a second one gets 429), only the page itself is served, and a bad request gets a JSON error.
+(a second one gets 429), only the page itself is served, and a bad request gets a JSON error (the checks
+live in `validate.py`).
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import binascii
 import hashlib
 import io
 import json
-import math
 import os
 import sys
 import threading
@@ -44,55 +45,53 @@ from ..model.checkpoint import load_with_tokenizer
 from ..infer.generate import SamplingConfig, encode_batch
 from ..data.processing import resize_and_crop, to_rgb
 from ..data.prompt import IMAGE_MARKER, PromptError, user_turn
+from .validate import (MAX_BODY_BYTES, MAX_NEW_TOKENS, MAX_UPLOAD_BYTES, HTTPError, megabytes, parse_body,
+                       parse_sampling, shown, upload_bytes)
 from .watch import prompt_pieces, watch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_WEIGHTS = os.path.join(os.path.dirname(HERE), "demo", "model", "sft_vlm_128.pth")
 SAMPLES_DIR = os.path.join(os.path.dirname(HERE), "demo", "samples")
 STATIC = {"/": "index.html", "/index.html": "index.html"}  # the only files served, by exact path
+# Every path the server answers, and the methods it takes there (anything else: 405 with this list).
+ROUTES = {**{path: ("GET", "HEAD") for path in STATIC}, "/api/info": ("GET", "HEAD"),
+          "/api/image": ("POST",), "/api/chat": ("POST",), "/api/stop": ("POST",)}
 STATIC_DIR = os.path.join(HERE, "static")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
-MAX_BODY_BYTES = 20 * 1024 * 1024  # a request body (an uploaded image travels base64-encoded in JSON)
 MAX_IMAGE_PIXELS = 20_000_000  # 20 MP, checked on the header before any pixel is decoded
-MAX_NEW_TOKENS = 256  # the most tokens one answer may ask for
 MAX_IMAGES = 8  # images in one conversation
 MAX_TEXT_CHARS = 4000  # characters in one message
 MAX_MESSAGES = 64  # messages in one conversation
 KEPT_IMAGES = 64  # uploaded crops the server remembers (oldest forgotten first)
 
 
-class HTTPError(Exception):
-    """A request the server refuses: answered with `status` and {"error": message}."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
 # ---------------------------------------------------------------------------------------------
 # Images
 
 
-def decode_image(data: bytes, size: int) -> Image.Image:
-    """Bytes of an image file -> the size x size RGB crop the model receives (resize, centre crop; CLIP's
-    mean/std come later). The header's pixel count is checked before decoding (MAX_IMAGE_PIXELS), and
-    Pillow's own decompression-bomb limit is an error too, not a warning."""
+def decode_image(data: bytes, size: int, name: str = "the image") -> tuple[Image.Image, tuple[int, int]]:
+    """Bytes of an image file -> (the size x size RGB crop the model receives (resize, centre crop; CLIP's
+    mean/std come later), the original's width and height). The header's pixel count is checked before
+    decoding (MAX_IMAGE_PIXELS), and Pillow's own decompression-bomb limit is an error too, not a warning.
+    Errors name the file by `name`: Pillow would name it by the repr of its BytesIO."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:  # reads the header only
                 if im.width * im.height > MAX_IMAGE_PIXELS:
-                    raise HTTPError(413, f"image of {im.width} x {im.height} = {im.width * im.height:,} pixels is "
+                    raise HTTPError(413, f"{name}: image of {im.width} x {im.height} = {im.width * im.height:,} pixels is "
                                          f"more than MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS:,}")
                 im.load()
                 image = to_rgb(ImageOps.exif_transpose(im))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise HTTPError(413, f"image refused as a decompression bomb: {e}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise HTTPError(400, f"not a readable image ({type(e).__name__}: {e})") from None
+        raise HTTPError(413, f"{name}: image refused as a decompression bomb: {e}") from None
+    except UnidentifiedImageError:
+        raise HTTPError(400, f"{name} is not an image file this server can read (PNG, JPEG, GIF, BMP, WebP)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise HTTPError(400, f"{name} is not a readable image ({type(e).__name__}: {e})") from None
     # preprocess_image(crop) == preprocess_image(original): resizing an image of the target size is a no-op.
-    return resize_and_crop(image, size)
+    return resize_and_crop(image, size), image.size
 
 
 def png_data_url(image: Image.Image) -> str:
@@ -107,44 +106,13 @@ def list_samples(folder: str) -> list[str]:
     return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))
 
 
-# ---------------------------------------------------------------------------------------------
-# Checking requests
-
-
-def number(value, name: str, lo, hi, integer: bool = False):
-    """A JSON number within [lo, hi], or HTTPError 400 naming the field."""
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or not math.isfinite(value) or not lo <= value <= hi:
-        kind = "an integer" if integer else "a number"
-        raise HTTPError(400, f"sampling.{name} must be {kind} from {lo} to {hi}, got {json.dumps(value)}")
-    return value
-
-
-def parse_sampling(raw, vocab_size: int) -> SamplingConfig:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise HTTPError(400, "sampling must be a JSON object")
-    known = {"temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "seed"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise HTTPError(400, f"unknown sampling field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    cfg = SamplingConfig(max_new_tokens=64, seed=0)
-    for name, lo, hi, integer in (("temperature", 0.0, 5.0, False), ("top_p", 0.01, 1.0, False),
-                                  ("top_k", 0, vocab_size, True), ("repetition_penalty", 1.0, 5.0, False),
-                                  ("max_new_tokens", 1, MAX_NEW_TOKENS, True)):
-        if name in raw:
-            setattr(cfg, name, number(raw[name], name, lo, hi, integer))
-    if raw.get("seed") is not None:
-        cfg.seed = number(raw["seed"], "seed", 0, 2**31 - 1, integer=True)
-    return cfg
-
-
 class App:
     """The model, its tokenizer and what the server remembers between requests."""
 
-    def __init__(self, model, tokenizer, question_first: bool, name: str = "model", samples_dir: str = SAMPLES_DIR):
+    def __init__(self, model, tokenizer, question_first: bool, name: str = "model", samples_dir: str = SAMPLES_DIR,
+                 demo: bool = False):
         self.model, self.tokenizer, self.question_first, self.name = model.eval(), tokenizer, question_first, name
+        self.demo = demo  # the shipped demo model: it knows the shapes world only, and the page says so
         self.samples_dir, self.samples = samples_dir, list_samples(samples_dir)
         self.image_size = model.vlm_config.vision.image_size
         self.images: OrderedDict[str, Image.Image] = OrderedDict()  # id -> crop
@@ -158,36 +126,39 @@ class App:
                 "grid": v.image_size // v.patch_size, "run_length": self.model.run_length,
                 "cls": v.select_feature == "cls_patch", "layers": lm.num_hidden_layers,
                 "heads": lm.num_attention_heads, "vocab_size": self.tokenizer.vocab_size,
-                "question_first": self.question_first, "samples": self.samples,
-                "limits": {"max_body_bytes": MAX_BODY_BYTES, "max_image_pixels": MAX_IMAGE_PIXELS,
+                "question_first": self.question_first, "samples": self.samples, "demo": self.demo,
+                "limits": {"max_body_bytes": MAX_BODY_BYTES, "max_upload_bytes": MAX_UPLOAD_BYTES,
+                           "max_upload": megabytes(MAX_UPLOAD_BYTES), "max_image_pixels": MAX_IMAGE_PIXELS,
                            "max_new_tokens": MAX_NEW_TOKENS, "max_images": MAX_IMAGES,
                            "max_text_chars": MAX_TEXT_CHARS}}
 
     def add_image(self, req: dict) -> dict:
-        """{"sample": name} or {"data": base64 or data URL, "name": ...} -> {"id", "name", "crop", ...}."""
+        """{"sample": name} or {"data": base64 or data URL, "name": ...} -> {"id", "name", "crop", "size", "note"}."""
         if "sample" in req:
             name = req["sample"]
             if name not in self.samples:  # exact names only: no path ever reaches the file system
-                raise HTTPError(400, f"unknown sample {json.dumps(name)}; samples: {', '.join(self.samples)}")
+                raise HTTPError(400, f"unknown sample {shown(name)}; samples: {', '.join(self.samples)}")
             with open(os.path.join(self.samples_dir, name), "rb") as f:
                 data = f.read()
         elif isinstance(req.get("data"), str):
-            name = str(req.get("name") or "upload")[:100]
-            text = req["data"].split(",", 1)[1] if req["data"].startswith("data:") else req["data"]
-            try:
-                data = base64.b64decode(text, validate=True)
-            except (binascii.Error, ValueError):
-                raise HTTPError(400, "data is not valid base64") from None
+            # The page sends the file's name, so that every error about the file can name it.
+            name = req["name"][:100] if isinstance(req.get("name"), str) and req["name"] else "the uploaded file"
+            data = upload_bytes(req["data"], name)
         else:
-            raise HTTPError(400, 'send {"sample": name} or {"data": base64 image file}')
-        crop = decode_image(data, self.image_size)
+            raise HTTPError(400, 'send {"sample": name} or {"data": base64 image file, "name": file name}')
+        crop, size = decode_image(data, self.image_size, name)
+        # The shapes world renders 96 x 96 scenes (as eval_vlm.py notes too); about anything else the demo
+        # model can only speak the language of shapes, and a learner should not take that for a bug.
+        note = ("the demo model knows only the synthetic shapes world; about other images it can only speak the "
+                "language of shapes (it was trained on nothing else)") if self.demo and size != (96, 96) else None
         key = hashlib.sha256(crop.tobytes()).hexdigest()[:16]
         with self.images_lock:
             self.images[key] = crop
             self.images.move_to_end(key)
             while len(self.images) > KEPT_IMAGES:
                 self.images.popitem(last=False)
-        return {"id": key, "name": name, "crop": png_data_url(crop), "image_size": self.image_size}
+        return {"id": key, "name": name, "crop": png_data_url(crop), "image_size": self.image_size,
+                "size": list(size), "note": note}
 
     def parse_chat(self, req: dict):
         """{"messages": [{"role", "text", "images": [ids]}, ...], "sampling"} -> (batch, cfg)."""
@@ -208,7 +179,7 @@ class App:
                 missing = [k for k in ids if not isinstance(k, str) or k not in self.images]
                 images += [self.images[k] for k in ids if not missing]
             if missing:
-                raise HTTPError(400, f"unknown image id {json.dumps(missing[0])}: upload the image again")
+                raise HTTPError(400, f"unknown image id {shown(missing[0])}: upload the image again")
             if want == "assistant" and IMAGE_MARKER in text:
                 raise HTTPError(400, f"messages[{i}]: an answer cannot hold {IMAGE_MARKER}; start a new chat")
             try:
@@ -274,14 +245,29 @@ class Handler(BaseHTTPRequestHandler):
         if getattr(self.server, "verbose", False):
             super().log_message(fmt, *args)
 
-    def send_json(self, status: int, obj: dict):
-        body = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
+    def handle_one_request(self):
+        try:
+            super().handle_one_request()
+        except (BrokenPipeError, ConnectionResetError):  # the client left while its request was being read
+            self.close_connection = True
+
+    def send_body(self, status: int, body: bytes, content_type: str, headers: dict | None = None):
+        """A whole response; a HEAD request gets the same headers and no body. A client that hung up before
+        its answer is simply gone: nothing to tell it, and no traceback to print."""
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            if getattr(self, "command", None) != "HEAD":
+                self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def send_json(self, status: int, obj: dict, headers: dict | None = None):
+        self.send_body(status, json.dumps(obj).encode(), "application/json", {"Cache-Control": "no-store", **(headers or {})})
 
     def read_json(self) -> dict:
         length = self.headers.get("Content-Length")
@@ -290,23 +276,17 @@ class Handler(BaseHTTPRequestHandler):
         try:
             n = int(length)
         except ValueError:
-            raise HTTPError(400, f"bad Content-Length {length!r}") from None
+            raise HTTPError(400, f"bad Content-Length {length[:40]!r}") from None
         if n > MAX_BODY_BYTES or n < 0:
-            self.close_connection = True  # the body is left unread
             raise HTTPError(413, f"request body of {n:,} bytes is more than MAX_BODY_BYTES = {MAX_BODY_BYTES:,}")
-        try:
-            req = json.loads(self.rfile.read(n))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise HTTPError(400, f"the body is not valid JSON ({e})") from None
-        if not isinstance(req, dict):
-            raise HTTPError(400, "the body must be a JSON object")
-        return req
+        return parse_body(self.rfile.read(n))
 
     def handle_errors(self, route):
         try:
             route()
         except HTTPError as e:
-            self.send_json(e.status, {"error": str(e)})
+            self.close_connection = True  # a body may be left unread: the next request cannot start after it
+            self.send_json(e.status, {"error": str(e)}, e.headers)
         except OSError:
             pass  # the client went away or stalled past `timeout`
         except Exception as e:  # a bug: say so, keep serving
@@ -319,49 +299,51 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(code, {"error": message or self.responses.get(code, ("bad request",))[0]})
 
     def check_origin(self):
-        """Bound to loopback, answer only requests addressed to loopback (a DNS-rebinding page is not),
-        and take only JSON posts (a cross-site page cannot send those without a CORS preflight)."""
+        """Bound to loopback, answer only requests addressed to loopback (a DNS-rebinding page is not)."""
         host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
         if self.server.loopback and host not in ("127.0.0.1", "localhost", "::1"):
             raise HTTPError(403, f"this server answers requests to 127.0.0.1 / localhost only, not {host[:100]!r}")
-        if self.command == "POST" and self.headers.get_content_type() != "application/json":
-            raise HTTPError(415, "POST bodies must be JSON (Content-Type: application/json)")
+
+    def route(self):
+        """Every method http.server knows comes here: the path picks the route, the route lists its methods."""
+        self.check_origin()
+        path = self.path.split("?", 1)[0]
+        if path not in ROUTES:  # a fixed list of exact paths: "/../x" or "/%2e%2e/x" is simply not on it
+            raise HTTPError(404, f"not found: {path[:200]}")
+        allowed = ROUTES[path]
+        if self.command not in allowed:
+            raise HTTPError(405, f"method {self.command} is not allowed on {path}; use {' or '.join(allowed)}",
+                            {"Allow": ", ".join(allowed)})
+        if self.command == "POST":
+            # JSON only: a cross-site page cannot send that without a CORS preflight, which it never gets.
+            if self.headers.get_content_type() != "application/json":
+                raise HTTPError(415, "POST bodies must be JSON (Content-Type: application/json)")
+            return self.post(path)
+        return self.get(path)  # HEAD too: send_body leaves the body out
 
     def do_GET(self):
-        self.handle_errors(lambda: (self.check_origin(), self.get()))
+        self.handle_errors(self.route)
 
-    def do_POST(self):
-        self.handle_errors(lambda: (self.check_origin(), self.post()))
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_GET
 
-    def do_PUT(self):
-        self.send_json(405, {"error": f"method PUT is not allowed on {self.path}"})
-
-    do_DELETE = do_PATCH = do_PUT
-
-    def get(self):
-        path = self.path.split("?", 1)[0]
-        app = self.server.app
+    def get(self, path: str):
         if path == "/api/info":
-            return self.send_json(200, app.info())
-        if path not in STATIC:  # a fixed list of exact paths: "/../x" or "/%2e%2e/x" is simply not on it
-            raise HTTPError(404, f"not found: {path[:200]}")
+            return self.send_json(200, self.server.app.info())
         with open(os.path.join(STATIC_DIR, STATIC[path]), "rb") as f:
             body = f.read()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Content-Security-Policy", "default-src 'self' 'unsafe-inline' data:")
-        self.end_headers()
-        self.wfile.write(body)
+        self.send_body(200, body, "text/html; charset=utf-8",
+                       {"Content-Security-Policy": "default-src 'self' 'unsafe-inline' data:"})
 
-    def post(self):
-        path, app = self.path.split("?", 1)[0], self.server.app
+    def post(self, path: str):
+        app = self.server.app
         routes = {"/api/image": lambda: self.send_json(200, app.add_image(self.read_json())),
                   "/api/chat": self.chat,
                   "/api/stop": lambda: (app.stop.set(), self.send_json(200, {"stopping": app.generating.locked()}))}
-        if path not in routes:
-            raise HTTPError(404, f"not found: {path[:200]}")
         routes[path]()
+
+    def send_event(self, event: str, data: dict):
+        self.wfile.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
+        self.wfile.flush()
 
     def chat(self):
         app = self.server.app
@@ -377,13 +359,15 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             try:
                 for event, data in app.events(batch, cfg):
-                    self.wfile.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
-                    self.wfile.flush()
+                    self.send_event(event, data)
             except OSError:
                 return  # the page went away, was reloaded or stopped reading: stop generating
             except Exception as e:  # headers are sent: report the failure inside the stream
                 traceback.print_exc()
-                self.wfile.write(f"event: error\ndata: {json.dumps({'error': f'{type(e).__name__}: {e}'})}\n\n".encode())
+                try:
+                    self.send_event("error", {"error": f"{type(e).__name__}: {e}"})
+                except OSError:
+                    pass  # and the page is gone as well
         finally:
             app.generating.release()
 
@@ -401,7 +385,8 @@ def load_app(weights: str = DEMO_WEIGHTS, vision: str | None = None, tokenizer: 
              device: str = "cpu") -> App:
     """The model (with its question order from the checkpoint JSON) and its tokenizer, as an App."""
     model, tok, question_first = load_with_tokenizer(weights, tokenizer, vision)
-    return App(model.to(device), tok, question_first, name=os.path.basename(weights))
+    return App(model.to(device), tok, question_first, name=os.path.basename(weights),
+               demo=os.path.abspath(weights) == os.path.abspath(DEMO_WEIGHTS))
 
 
 def main(argv=None) -> int:
