@@ -185,3 +185,11 @@ def test_every_command_still_answers_help(command):
     r = subprocess.run([sys.executable, "-m", f"minivlm.{command}", "--help"], capture_output=True, text=True,
                        cwd=ROOT, timeout=120)
     assert r.returncode == 0 and "usage:" in r.stdout, r.stderr
+
+
+def test_the_readme_is_a_guide_not_a_lab_notebook():
+    lines = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().splitlines()
+    assert len(lines) <= 400, len(lines)
+    assert not [l for l in lines if l.startswith("#") and "Round" in l], "investigation rounds belong in docs/"
+    for link in ("notebooks/08_when_a_vlm_does_not_look.ipynb", "docs/benchmarks.md", "docs/demo_history.md"):
+        assert link in "\n".join(lines) and os.path.exists(os.path.join(ROOT, link)), link
