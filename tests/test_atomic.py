@@ -353,3 +353,27 @@ def test_grow_into_the_folder_of_its_weights_is_refused(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "is the folder of --weights" in err, err
     assert {p.name: p.read_bytes() for p in model.rglob("*") if p.is_file()} == before
+
+
+def test_a_feature_store_rebuild_on_a_full_disk_keeps_the_old_store(shapes_dir, tmp_path, capsys, monkeypatch):
+    """The features are streamed to a temporary file; a failed rebuild leaves the old store whole and usable."""
+    from minivlm.model.config import vlm_preset
+    from minivlm.model.vision import CLIPVisionModel
+    from minivlm.train import features
+    CLIPVisionModel(vlm_preset("tiny").vision).save_pretrained(tmp_path / "clip")
+    store = tmp_path / "feats"
+    argv = ["--data", str(shapes_dir / "pretrain.jsonl"), "--vision", str(tmp_path / "clip"), "--out", str(store),
+            "--dtype", "fp32", "--device", "cpu"]
+    assert features.main(argv) == 0
+    before = {p.name: p.read_bytes() for p in store.iterdir()}
+    capsys.readouterr()
+
+    def full_disk(f, *args, **kwargs):
+        f.write(b"half a store")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(features, "write_features", full_disk)
+    assert features.main(argv + ["--dtype", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {store / 'features.bin'}: No space left on device\n", err
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == before  # no temporary file left either
+    assert features.FeatureStore(store).manifest["dtype"] == "fp32"

@@ -15,8 +15,9 @@ A store is a folder:
     manifest.json   what made it (vision folder sha256, select_layer, select_feature, image_size,
                     preprocessing, dtype, the data files with size and mtime, and for a jsonl file its
                     images folder and every image it read, with size and mtime) and `offsets`: the images
-                    of sample i are rows offsets[i] .. offsets[i+1]. Written with "complete": false
-                    first and "complete": true last, so a store whose run was killed is recognised.
+                    of sample i are rows offsets[i] .. offsets[i+1]. A build writes features.bin under
+                    a temporary name and switches both files only at the end, so a build that fails
+                    (a full disk, Ctrl-C) leaves the old store as it was.
 The vision hash is the sha256 of the folder's weights file (model.safetensors, else pytorch_model.bin).
 
 Training refuses a store that no longer describes its inputs. Images are compared by size and mtime (in
@@ -29,6 +30,7 @@ the store did. What it misses: an image replaced by one of the same size with it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -37,7 +39,8 @@ import numpy as np
 import torch
 
 from ..model.checkpoint import sha256_of
-from ..common import DTYPES, Progress, UserError, atomic_write, one_line, positive_int, resolve_device
+from ..common import (DTYPES, Progress, UserError, atomic_write, one_line, positive_int, resolve_device,
+                      write_error)
 from ..data.dataset import DataError
 from ..data.parquet import open_dataset
 from ..data.processing import preprocess_image
@@ -271,11 +274,42 @@ def build_store(data_paths, images_dir, vision_folder, out, dtype="fp16", batch_
                            "select_layer": c.select_layer, "select_feature": c.select_feature,
                            "image_size": c.image_size},
                 "preprocessing": PREPROCESSING, "data": data}
-    write_manifest(out, manifest)  # "complete": false until the end
     offsets, bad, rows = [0], [], 0
     progress = Progress(n, "features", "samples")
-    with open(os.path.join(out, "features.bin"), "wb") as f, torch.no_grad():
-        for i, count, feats in encode_batches(datasets, tower, c.image_size, batch_size, device):
+    partial = os.path.join(out, f"features.bin.tmp{os.getpid()}")  # the old store stays usable until the switch
+    try:
+        with open(partial, "wb") as f:
+            rows = write_features(f, datasets, tower, batch_size, device, dtype, manifest, offsets, bad, progress)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise
+    if bad and not rows:  # not one image read: the wrong --images, most likely, not a data set of broken images
+        os.remove(partial)
+        raise UserError(f"no image of {', '.join(data_paths)} could be read (all {len(bad)} samples with images "
+                        f"failed; is --images {images_dir or '(beside the jsonl)'} the right folder?)")
+    for entry, d in zip(data, datasets):
+        if isinstance(getattr(d, "image_loader", None), StampingLoader):
+            entry.update(images_dir=d.image_loader.images_dir, images=d.image_loader.stamps)
+    manifest.update(complete=True, offsets=offsets, bad=bad, images=rows,
+                    shape=manifest["shape"] or [tower.config.num_patches, c.hidden_size])
+    # The switch: without a manifest a store is refused, so a kill in between never pairs a manifest with
+    # the other build's features.bin.
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out, "manifest.json"))
+    os.replace(partial, os.path.join(out, "features.bin"))
+    write_manifest(out, manifest)  # last: it vouches for features.bin
+    return manifest
+
+
+def write_features(f, datasets, tower, batch_size, device, dtype, manifest, offsets, bad, progress) -> int:
+    """Encode every sample's images into the open file f; fills offsets, bad and manifest["shape"]; returns
+    the number of feature rows written."""
+    rows = 0
+    with torch.no_grad():
+        for i, count, feats in encode_batches(datasets, tower, tower.config.image_size, batch_size, device):
             if count < 0:
                 bad.append(i)
             if len(feats):
@@ -285,16 +319,7 @@ def build_store(data_paths, images_dir, vision_folder, out, dtype="fp16", batch_
                 rows += len(feats)
             offsets.append(rows)
             progress.update(i + 1)
-    if bad and not rows:  # not one image read: the wrong --images, most likely, not a data set of broken images
-        raise UserError(f"no image of {', '.join(data_paths)} could be read (all {len(bad)} samples with images "
-                        f"failed; is --images {images_dir or '(beside the jsonl)'} the right folder?)")
-    for entry, d in zip(data, datasets):
-        if isinstance(getattr(d, "image_loader", None), StampingLoader):
-            entry.update(images_dir=d.image_loader.images_dir, images=d.image_loader.stamps)
-    manifest.update(complete=True, offsets=offsets, bad=bad, images=rows,
-                    shape=manifest["shape"] or [tower.config.num_patches, c.hidden_size])
-    write_manifest(out, manifest)  # last: it vouches for features.bin
-    return manifest
+    return rows
 
 
 def read_manifest(path) -> dict:
@@ -381,6 +406,9 @@ def main(argv=None) -> int:
                         resolve_device(args.device))
     except (UserError, DataError, WeightsError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk while writing: the old store (if any) is left as it was
+        print(f"error: {write_error(e, os.path.join(args.out, 'features.bin'))}", file=sys.stderr)
         return 2
     size = os.path.getsize(os.path.join(args.out, "features.bin"))
     print(f"wrote {args.out}: {m['images']} images of {len(m['offsets']) - 1} samples, {size / 2**20:.1f} MB")
