@@ -1,4 +1,7 @@
-"""Shared fixtures: a small synthetic shapes dataset written to disk and a tokenizer trained on it."""
+"""Shared fixtures: a small synthetic shapes dataset written to disk, a tokenizer trained on it, a tiny run,
+and `stop_after`, the training loop's "killed at step k" hook."""
+import contextlib
+
 import pytest
 
 from minivlm.synthetic.dataset import write_dataset
@@ -29,3 +32,15 @@ def tiny_run(shapes_dir, shapes_tokenizer_path, tmp_path_factory):
             "--out", str(out), "--batch-size", "4", "--num-workers", "0", "--max-steps", "2", "--log-every", "1"]
     assert main("pretrain", args) == 0
     return out
+
+
+@pytest.fixture
+def stop_after(monkeypatch):
+    """stop_after(k) is a context manager: training runs inside it end after step k, as if killed there
+    (the loop reads MINIVLM_STOP_AFTER)."""
+    @contextlib.contextmanager
+    def stop(step: int):
+        with monkeypatch.context() as m:
+            m.setenv("MINIVLM_STOP_AFTER", str(step))
+            yield
+    return stop

@@ -187,7 +187,7 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def test_training_killed_inside_a_save_resumes_bit_identical(shapes_dir, shapes_tokenizer_path, tmp_path):
+def test_training_killed_inside_a_save_resumes_bit_identical(stop_after, shapes_dir, shapes_tokenizer_path, tmp_path):
     """The save at step 4 is killed: inside the weights' write, between the vision tower's two files (after
     the switch), inside the resume state's write. The checkpoint still loads (step 2 or 4), and --resume
     ends with exactly the weights of a run never killed."""
@@ -195,11 +195,8 @@ def test_training_killed_inside_a_save_resumes_bit_identical(shapes_dir, shapes_
     assert train.main("pretrain", train_args(shapes_dir, shapes_tokenizer_path, a)) == 0
     want = torch.load(a / "resume_pretrain.pt", weights_only=True)["model"]
     want_ckpt = torch.load(a / "pretrain_vlm_128.pth", weights_only=True)
-    os.environ["MINIVLM_STOP_AFTER"] = "2"
-    try:
+    with stop_after(2):
         assert train.main("pretrain", train_args(shapes_dir, shapes_tokenizer_path, base)) == 0
-    finally:
-        del os.environ["MINIVLM_STOP_AFTER"]
     in_second_save = {"on": False}
     real_write_save = resume.write_save
 
@@ -231,7 +228,7 @@ def test_training_killed_inside_a_save_resumes_bit_identical(shapes_dir, shapes_
         assert not leftovers(b), leftovers(b)
 
 
-def test_each_log_row_says_how_many_steps_its_loss_averages(shapes_dir, shapes_tokenizer_path, tmp_path):
+def test_each_log_row_says_how_many_steps_its_loss_averages(stop_after, shapes_dir, shapes_tokenizer_path, tmp_path):
     """Killed after step 3 with a save at 2 and rows every 3 steps: the resumed run's row at step 3 averages
     step 3 only, and says so; every row's loss is the mean of the losses of the steps it covers."""
     every = tmp_path / "every"  # the loss of each step
@@ -239,11 +236,8 @@ def test_each_log_row_says_how_many_steps_its_loss_averages(shapes_dir, shapes_t
     per_step = {int(r["step"]): float(r["loss"]) for r in read_csv(every / "log_pretrain.csv")}
     b = tmp_path / "b"
     args = train_args(shapes_dir, shapes_tokenizer_path, b, "--max-steps", "6", "--log-every", "3")
-    os.environ["MINIVLM_STOP_AFTER"] = "3"
-    try:
+    with stop_after(3):
         assert train.main("pretrain", args) == 0
-    finally:
-        del os.environ["MINIVLM_STOP_AFTER"]
     assert [(int(r["step"]), int(r["steps"])) for r in read_csv(b / "log_pretrain.csv")] == [(3, 3)]
     assert train.main("pretrain", args + ["--resume"]) == 0
     rows = read_csv(b / "log_pretrain.csv")

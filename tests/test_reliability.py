@@ -1,5 +1,4 @@
 """No input crashes, hangs, misleads or runs code; a run killed anywhere resumes exactly (issue 13)."""
-import contextlib
 import csv
 import io
 import json
@@ -23,15 +22,6 @@ from minivlm.infer.cli import main as eval_main
 from minivlm.data.processing import ImageLoadError, center_crop, load_image, preprocess_image, resize_and_crop
 from minivlm.data.processing import resize_shortest_side
 from minivlm.model.weights import WeightsError
-
-@contextlib.contextmanager
-def stop_after(step: int):
-    """Runs inside it end after `step` as if killed there (MINIVLM_STOP_AFTER, the loop's test hook)."""
-    os.environ["MINIVLM_STOP_AFTER"] = str(step)
-    try:
-        yield
-    finally:
-        del os.environ["MINIVLM_STOP_AFTER"]
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,8 +164,8 @@ def test_resume_state_never_runs_code_and_bad_files_are_one_line(shapes_dir, sha
     assert "resume_pretrain.pt" in one_error_line(capsys.readouterr().out)
 
 
-def test_resume_with_dropout_is_bit_identical_and_logs_each_step_once(shapes_dir, shapes_tokenizer_path, tmp_path,
-                                                                      capsys):
+def test_resume_with_dropout_is_bit_identical_and_logs_each_step_once(stop_after, shapes_dir, shapes_tokenizer_path,
+                                                                      tmp_path, capsys):
     common = ["--max-steps", "6", "--save-every", "3", "--epochs", "2", "--lr", "2e-3", "--dropout", "0.1"]
     a, b = tmp_path / "a", tmp_path / "b"
     assert train.main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, a, *common)) == 0

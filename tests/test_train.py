@@ -1,4 +1,3 @@
-import contextlib
 import csv
 import json
 import os
@@ -16,16 +15,6 @@ from minivlm.train.loop import CSV_FIELDS, main
 from minivlm.train.optim import set_trainable, trainable_counts
 from minivlm.train.sampler import EpochSampler
 from minivlm.model.vlm import MiniMindVLM
-
-
-@contextlib.contextmanager
-def stop_after(step: int):
-    """Runs inside it end after `step` as if killed there (MINIVLM_STOP_AFTER, the loop's test hook)."""
-    os.environ["MINIVLM_STOP_AFTER"] = str(step)
-    try:
-        yield
-    finally:
-        del os.environ["MINIVLM_STOP_AFTER"]
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,7 +101,7 @@ def test_freeze_policies_train_exactly_the_intended_parameters():
         assert trainable_counts(u)["lm"] == lm + head and u.lm_head.weight.requires_grad
 
 
-def test_resume_is_bit_identical(shapes_dir, shapes_tokenizer_path, tmp_path):
+def test_resume_is_bit_identical(stop_after, shapes_dir, shapes_tokenizer_path, tmp_path):
     common = ["--max-steps", "6", "--save-every", "3", "--epochs", "3", "--lr", "2e-3"]
     a, b = tmp_path / "a", tmp_path / "b"
     # 48 samples / batch 4 = 12 steps per epoch; --grad-accum 2 makes it 6, so the run crosses no epoch
@@ -134,7 +123,7 @@ def test_resume_is_bit_identical(shapes_dir, shapes_tokenizer_path, tmp_path):
     assert [int(r["step"]) for r in read_csv(b / "log_pretrain.csv")] == list(range(1, 7))
 
 
-def test_resume_across_an_epoch_boundary_is_bit_identical(shapes_dir, shapes_tokenizer_path, tmp_path):
+def test_resume_across_an_epoch_boundary_is_bit_identical(stop_after, shapes_dir, shapes_tokenizer_path, tmp_path):
     common = ["--max-steps", "16", "--save-every", "5", "--epochs", "2", "--lr", "2e-3", "--batch-size", "6"]
     a, b = tmp_path / "a", tmp_path / "b"
     assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, a, "pretrain.jsonl", *common)) == 0
@@ -281,7 +270,8 @@ def test_length_grouping_is_a_deterministic_permutation_that_cuts_padding():
     assert torch.equal(length_grouped(torch.arange(10), torch.ones(10), 4, 0).sort().values, torch.arange(10))
 
 
-def test_resume_with_length_grouping_is_bit_identical(shapes_dir, shapes_tokenizer_path, tmp_path, capsys):
+def test_resume_with_length_grouping_is_bit_identical(stop_after, shapes_dir,
+                                                      shapes_tokenizer_path, tmp_path, capsys):
     common = ["--max-steps", "12", "--save-every", "5", "--epochs", "2", "--lr", "2e-3", "--batch-size", "6",
               "--group-by-length"]
     a, b = tmp_path / "a", tmp_path / "b"
