@@ -96,6 +96,9 @@ class LMConfig:
     # "sdpa" uses F.scaled_dot_product_attention; "eager" computes softmax(QK^T)V by hand and can
     # return the attention weights (used by the notebooks' heat maps and as a benchmark baseline).
     attn_impl: str = "sdpa"
+    # Qwen3-style QK-norm (minimind-3v): RMSNorm over each head's query and key vector, after the head
+    # reshape and before RoPE, weights `self_attn.{q,k}_norm.weight` (head_dim), eps rms_norm_eps.
+    qk_norm: bool = False
 
     def __post_init__(self):
         if self.intermediate_size is None and isinstance(self.hidden_size, int):
@@ -110,7 +113,7 @@ class LMConfig:
         _float_field(self, "rms_norm_eps", 0, 1, open_hi=True)
         _float_field(self, "dropout", 0, 1, open_hi=True)
         _float_field(self, "aux_loss_alpha", 0, 1e6)
-        for name in ("use_moe", "norm_topk_prob", "tie_word_embeddings"):
+        for name in ("use_moe", "norm_topk_prob", "tie_word_embeddings", "qk_norm"):
             _choice_field(self, name, (True, False))
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError("hidden_size", f"{self.hidden_size} is not divisible by "
@@ -172,7 +175,7 @@ class VisionConfig:
 class VLMConfig:
     lm: LMConfig = field(default_factory=LMConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
-    projector_type: str = "linear"  # "linear" (MiniMind-V) | "mlp2x_gelu" | "identity" (LLaVA)
+    projector_type: str = "linear"  # "linear" (MiniMind-V) | "mlp2x_gelu" | "identity" (LLaVA) | "ln_mlp" (minimind-3v)
     # The token id of '@', the placeholder that stands for one image feature (34 in MiniMind's
     # vocabulary; a tokenizer trained here may give it another id, which the checkpoint records).
     placeholder_id: int = 34
@@ -191,7 +194,7 @@ class VLMConfig:
                 raise ConfigError(f"{part}.{e.field}", e.message) from None
             except TypeError as e:
                 raise ConfigError(part, str(e).split("() ", 1)[-1]) from None
-        _choice_field(self, "projector_type", ("linear", "mlp2x_gelu", "identity"))
+        _choice_field(self, "projector_type", ("linear", "mlp2x_gelu", "identity", "ln_mlp"))
         # The placeholder is looked up in the embedding table like any token before its rows are replaced.
         _int_field(self, "placeholder_id", 0, self.lm.vocab_size - 1)
 

@@ -109,6 +109,12 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:
+            # "Qwen3 Technical Report", Yang et al. 2025: an RMSNorm (fp32 inside) over each head's vector
+            # keeps the q·k logits from growing with the weights. Shared by all heads: head_dim weights.
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0, output_attentions=False):
         """mask: None = plain causal, else bool (B or 1, 1, T, T_past + T), True = may attend."""
@@ -117,6 +123,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)  # over head_dim, before RoPE
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, KV, T_past + T, hd)
