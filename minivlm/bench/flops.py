@@ -22,6 +22,27 @@ from ..model.config import LMConfig, VisionConfig, VLMConfig
 # (the benchmark switches it on, as training does).
 H100_PEAK_TFLOPS = {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7}
 
+# Peak dense rates of the cards `bench gpu` recognises by torch.cuda.get_device_name(), first match
+# wins (so the PCIe H100, slower clocks and fewer SMs, comes before the plain "H100" of the SXM card).
+# The H200 is the H100 SXM's chip with more and faster memory: same compute. "GH200" matches "H200"
+# and has that chip too. The H100 NVL is left unknown on purpose: NVIDIA's datasheets give two
+# different numbers for it, and a guessed denominator would make an MFU look precise that is not.
+PEAK_TFLOPS = [
+    ("H100 PCIe", {"bf16": 756.5, "fp16": 756.5, "fp32": 378.0}),
+    ("H100 NVL", None),
+    ("H100", H100_PEAK_TFLOPS),
+    ("H200", H100_PEAK_TFLOPS),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0}),
+]
+
+
+def card_peak_tflops(device_name: str, dtype: str) -> float | None:
+    """Peak dense TFLOP/s of the card called `device_name` in `dtype` (fp32 = TF32), or None if unknown."""
+    for key, rates in PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return rates[dtype] if rates else None
+    return None
+
 
 def lm_matmul_params(c: LMConfig) -> int:
     """Decoder weights one token is multiplied with: attention + feed-forward per layer + lm_head.
@@ -53,10 +74,14 @@ def projector_matmul_params(cfg: VLMConfig) -> int:
     return {"linear": dv * d, "mlp2x_gelu": dv * d + d * d, "identity": 0}[cfg.projector_type]
 
 
-def train_step_flops(cfg: VLMConfig, batch: int, seq_len: int, images_per_sample: int = 1) -> dict:
+def train_step_flops(cfg: VLMConfig, batch: int, seq_len: int, images_per_sample: int = 1,
+                     decoder_frozen: bool = False) -> dict:
     """FLOPs of one training step, by part (see the module docstring and docs/benchmarks.md).
 
-    decoder    6·N_lm·T + 12·L·T²·d per sequence (forward 2N + attention 4LT²d, backward twice that)
+    decoder    6·N_lm·T + 12·L·T²·d per sequence (forward 2N + attention 4LT²d, backward twice that).
+               decoder_frozen (the pretrain policy: projector only): 4·N_lm·T, the backward still
+               computes every input gradient down to the projector but no decoder weight gradient;
+               the attention part is unchanged (its matmuls have no weights, only inputs)
     projector  4·N_proj·run_length per image: forward + weight gradient only (the frozen tower
                needs no input gradient)
     vision     forward only, 2·N_vis·197 + 4·L_v·197²·d_v per image (frozen, under no_grad)
@@ -64,7 +89,8 @@ def train_step_flops(cfg: VLMConfig, batch: int, seq_len: int, images_per_sample
     c, T = cfg.lm, seq_len
     images = batch * images_per_sample
     parts = {
-        "decoder": batch * (6 * lm_matmul_params(c) * T + 12 * c.num_hidden_layers * T * T * c.hidden_size),
+        "decoder": batch * ((4 if decoder_frozen else 6) * lm_matmul_params(c) * T
+                            + 12 * c.num_hidden_layers * T * T * c.hidden_size),
         "projector": images * 4 * projector_matmul_params(cfg) * cfg.run_length,
         "vision": images * vision_forward_flops(cfg.vision),
     }

@@ -2,6 +2,7 @@
 
     python -m minivlm.bench {train,generate,data,epoch,all} [--preset 26m] [--device cpu|cuda] [--dtype fp32|bf16|fp16]
                             [--batch 4] [--seq-len 640] [--steps N] [--warmup N] [--json OUT] [--quick]
+    python -m minivlm.bench gpu [--out FILE.md] [--json FILE] [--peak-tflops T] [--dry-run] ...  (its own flags: gpu.py)
 
 Everything runs on random weights and synthetic inputs of the real shapes (the preset's decoder and
 CLIP tower, one run of 196 placeholder ids + random text ids, pixel_values (B, 1, 3, 224, 224)): speed
@@ -14,6 +15,9 @@ says what each number means):
             ms/token as the KV cache grows; inference memory.
   data      JPEGs + a MiniMind-V jsonl -> VLMDataset -> DataLoader(collate_vlm): samples/s.
   epoch     a whole epoch, data to step, minivlm vs a MiniMind-V-style pipeline (bench_epoch.py; not in `all`).
+  gpu       the GPU run ready to go (gpu.py; not in `all`): 26m + ViT-B/16 training samples/s and MFU,
+            pretrain and SFT policies, batch 16 and 32, eager and compiled, bf16; decode tokens/s at
+            batch 1 and 8; peak memory per row; a markdown table. --dry-run: the same on CPU in seconds.
 
 Times are medians of `--steps` timed runs after `--warmup` untimed ones (time_it says why).
 """
@@ -35,6 +39,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import epoch as bench_epoch
+from . import gpu as bench_gpu
+from .clock import optimizer_step, time_it, timed_generate as _timed_generate
 from . import memory as bench_memory
 from .baselines import (GivenFeaturesLoopVLM, GivenFeaturesVLM, build_model, read_bytes, rebuild_as, synthetic_batch,
                         variant, write_jsonl_dataset)
@@ -50,27 +56,6 @@ from ..data.tokenizer import Tokenizer
 from ..data.tool import train_tokenizer
 from ..train.optim import set_trainable
 from ..model.vlm import MiniMindVLM
-
-
-# ---------------------------------------------------------------------------------------------
-# The clock
-
-
-def time_it(fn, steps: int, warmup: int, device: torch.device) -> list[float]:
-    """Run fn warmup + steps times; return the wall-clock seconds of the timed runs.
-
-    The untimed runs go first because the first calls allocate memory, fill caches and, on GPU, pick
-    kernels. GPU kernels run asynchronously: without a sync the clock would stop at their launch."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,14 +117,7 @@ def _time_train_steps(models: dict, ids, labels, pixel_values, args, device) -> 
     scaler = grad_scaler(device, args.dtype)
 
     def step(model):
-        with autocast(device, args.dtype):
-            loss = model(ids, pixel_values, labels=labels).loss
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as train.py's default --grad-clip
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, ids, pixel_values, labels, optimizer, scaler, device, args.dtype)
 
     times = {name: [] for name in models}
     peaks = {name: 0.0 for name in models}
@@ -195,27 +173,6 @@ def bench_vision(model, pixel_values, args, device) -> dict:
     print0(f"  vision tower fwd  {images.shape[0]} images: fp32 {fp32 * 1e3:.1f} ms, bf16 autocast "
            f"{bf16 * 1e3:.1f} ms -> bf16 is {fp32 / bf16:.2f}x as fast")
     return {"images": images.shape[0], "fp32_ms": fp32 * 1e3, "bf16_ms": bf16 * 1e3}
-
-
-def _timed_generate(model, ids, pixel_values, n_new: int, device) -> tuple[list[float], float]:
-    """Greedy-generate n_new tokens; return the start time of every forward call and the end time.
-
-    `generate` calls the model once for the prefill and once per further token; a forward pre-hook
-    stamps the clock at each call, so one run yields the cost of every single token.
-    """
-    stamps = []
-
-    def stamp(module, inputs):
-        sync(device)  # the previous token's work is done: the clock measures work, not its launch
-        stamps.append(time.perf_counter())
-
-    hook = model.register_forward_pre_hook(stamp)
-    try:
-        generate(model, ids, pixel_values, cfg=SamplingConfig(max_new_tokens=n_new), eos_id=None)
-        sync(device)
-    finally:
-        hook.remove()
-    return stamps, time.perf_counter()
 
 
 def bench_generate(args, device) -> dict:
@@ -335,8 +292,9 @@ def bench_data(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minivlm.bench", description=__doc__.split("\n")[0])
     a = p.add_argument
-    a("section", choices=["train", "generate", "data", "epoch", "all"],
-      help="what to measure (all = data, generate, train; epoch: bench_epoch.py)")
+    a("section", choices=["train", "generate", "data", "epoch", "all", "gpu"],
+      help="what to measure (all = data, generate, train; epoch: bench_epoch.py; "
+           "gpu: the GPU run, with flags of its own: `python -m minivlm.bench gpu --help`)")
     a("--preset", default=None, choices=["26m", "tiny", "104m", "26m-moe"],
       help="model size (default 26m; tiny with --quick)")
     a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -383,6 +341,9 @@ def resolve(args) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    argv_list = sys.argv[1:] if argv is None else list(argv)
+    if argv_list[:1] == ["gpu"]:  # a command of its own (gpu.py): its flags differ from the sections'
+        return bench_gpu.main(argv_list[1:])
     args = build_parser().parse_args(argv)
     # None -> the GPU if there is one. On CUDA this also switches TF32 on, as training does, so that
     # fp32 matmuls run on the tensor cores (and H100_PEAK_TFLOPS["fp32"] is the TF32 rate).
