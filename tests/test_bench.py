@@ -5,6 +5,7 @@ No timing is asserted: the numbers depend on the machine and on whatever else ru
 import json
 import types
 
+import pytest
 import torch
 
 from minivlm.bench import baselines, flops
@@ -156,3 +157,15 @@ def test_quick_epoch_section_reports_both_systems(tmp_path):
         assert s["baseline"]["padding_fraction"] >= s["minivlm"]["padding_fraction"]
         assert s["minivlm"]["samples"] == s["baseline"]["samples"]
         assert _positive(s["ratio_per_epoch"]) and s["tokens"]["min"] <= s["tokens"]["median"] <= s["tokens"]["max"]
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp2x_gelu", "ln_mlp", "identity"])
+def test_projector_matmul_params_count_every_projector_weight(kind):
+    from minivlm.model.projector import VisionProjector
+    cfg = vlm_preset("tiny")
+    cfg.projector_type = kind
+    if kind == "identity":
+        cfg.vision.hidden_size = cfg.lm.hidden_size
+    proj = VisionProjector(kind, cfg.vision.hidden_size, cfg.lm.hidden_size)
+    weights = sum(m.weight.numel() for m in proj.modules() if isinstance(m, torch.nn.Linear))
+    assert flops.projector_matmul_params(cfg) == weights

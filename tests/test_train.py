@@ -390,3 +390,20 @@ def test_multi_fraction_sets_the_share_of_two_image_samples(shapes_tokenizer_pat
         assert [len(d) for d in ds.datasets] == [800 - multi, multi]
     with pytest.raises(SystemExit):
         parse("sft", ["--preset", "tiny", "--multi-fraction", "1.5"])
+
+
+def test_a_frozen_tower_over_several_epochs_proposes_the_feature_cache(shapes_dir, shapes_tokenizer_path, tmp_path,
+                                                                        capsys):
+    """The speed of the cache should not depend on having read the docs: the run says how to get it."""
+    from minivlm.model.vision import CLIPVisionModel
+    CLIPVisionModel(vlm_preset("tiny").vision).save_pretrained(tmp_path / "clip")
+    common = ["--vision", str(tmp_path / "clip"), "--no-train-vision", "--max-steps", "1"]
+    assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, tmp_path / "a", "pretrain.jsonl",
+                                      *common, "--epochs", "2")) == 0
+    out = capsys.readouterr().out
+    assert "tip: the vision tower is frozen" in out
+    assert f"python -m minivlm.features --data {shapes_dir / 'pretrain.jsonl'} --vision {tmp_path / 'clip'}" in out
+    for extra in (["--epochs", "1"], ["--epochs", "2", "--train-vision"]):  # nothing to gain: no tip
+        assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, tmp_path / "b", "pretrain.jsonl",
+                                          *common, *extra)) == 0
+        assert "tip:" not in capsys.readouterr().out

@@ -71,7 +71,9 @@ def vision_forward_flops(v: VisionConfig) -> int:
 
 def projector_matmul_params(cfg: VLMConfig) -> int:
     dv, d = cfg.vision.hidden_size, cfg.lm.hidden_size
-    return {"linear": dv * d, "mlp2x_gelu": dv * d + d * d, "identity": 0}[cfg.projector_type]
+    # ln_mlp (minimind-3v) has the matmuls of mlp2x_gelu; its LayerNorm is not a matmul.
+    return {"linear": dv * d, "mlp2x_gelu": dv * d + d * d, "ln_mlp": dv * d + d * d,
+            "identity": 0}[cfg.projector_type]
 
 
 def train_step_flops(cfg: VLMConfig, batch: int, seq_len: int, images_per_sample: int = 1,
