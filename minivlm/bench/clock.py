@@ -4,6 +4,7 @@ one optimizer step as the training loop takes it, and greedy generation with a t
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -61,3 +62,16 @@ def optimizer_step(model, ids, pixel_values, labels, optimizer, scaler, device, 
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None):
+    """torch's CPU threads set to n inside (None: left as they are), restored after: a benchmark's main()
+    may run inside another process (the tests), which should get its own setting back."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

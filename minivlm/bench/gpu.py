@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from .baselines import build_model, synthetic_batch
-from .clock import optimizer_step, time_it, timed_generate
+from .clock import cpu_threads, optimizer_step, time_it, timed_generate
 from .flops import card_peak_tflops, mfu, train_step_flops
 from ..common import (DTYPES, Progress, UserError, atomic_write, fmt_time, grad_scaler, peak_memory_mb,
                       positive_int, print0, reset_peak_memory, resolve_device, resolve_dtype, write_error)
@@ -138,13 +138,8 @@ def main(argv=None) -> int:
     except UserError as e:
         print0(f"error: {e}")
         return 2
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with cpu_threads(args.threads):
         results = run(args, argv)
-    finally:
-        torch.set_num_threads(threads)  # main() may run inside another process (the tests)
     text = markdown(results)
     print0(text)
     try:

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 
 from . import epoch as bench_epoch
 from . import gpu as bench_gpu
-from .clock import optimizer_step, time_it, timed_generate as _timed_generate
+from .clock import cpu_threads, optimizer_step, time_it, timed_generate as _timed_generate
 from . import memory as bench_memory
 from .baselines import (GivenFeaturesLoopVLM, GivenFeaturesVLM, build_model, read_bytes, rebuild_as, synthetic_batch,
                         variant, write_jsonl_dataset)
@@ -349,13 +349,8 @@ def main(argv=None) -> int:
     # fp32 matmuls run on the tensor cores (and H100_PEAK_TFLOPS["fp32"] is the TF32 rate).
     args.device = str(resolve_device(args.device))
     args = resolve(args)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with cpu_threads(args.threads):
         results = run(args, argv)
-    finally:
-        torch.set_num_threads(threads)  # main() may run inside another process (the tests)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)
