@@ -119,6 +119,11 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def is_int(x) -> bool:
+    """An integer, as a field read from JSON must be: JSON's true would otherwise count as 1."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def one_line(error: BaseException) -> str:
     """An error's message as one line. An exception raised in a DataLoader worker is re-raised in the
     main process with the worker's whole traceback as its message; its last line, "pkg.Type: text",

@@ -371,3 +371,59 @@ def test_a_feature_store_rebuild_on_a_full_disk_keeps_the_old_store(shapes_dir, 
     assert err == f"error: {store / 'features.bin'}: No space left on device\n", err
     assert {p.name: p.read_bytes() for p in store.iterdir()} == before  # no temporary file left either
     assert features.FeatureStore(store).manifest["dtype"] == "fp32"
+
+
+def test_a_log_row_that_cannot_be_written_leaves_the_log_as_it_was(tmp_path, monkeypatch):
+    """A full disk in the middle of a row: the half written is cut back off and the run ends in one line."""
+    log = tmp_path / "log_pretrain.csv"
+    log.write_bytes(resume.csv_text([{"epoch": 1, "step": 20, "steps": 20, "loss": 1.5}]))
+    before = log.read_bytes()
+
+    class HalfThenFull:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def __getattr__(self, name):  # tell, flush, truncate: the real file's
+            return getattr(self.f, name)
+
+        def write(self, data):
+            self.f.write(data[:len(data) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(resume, "open", lambda *a, **kw: HalfThenFull(open(*a, **kw)), raising=False)
+    with pytest.raises(resume.UserError, match="log_pretrain.csv: No space left on device"):
+        resume.append_log(str(log), {"epoch": 1, "step": 40, "steps": 20, "loss": 1.25})
+    assert log.read_bytes() == before
+
+
+def test_shapes_files_and_previews_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """The generated data, its parquet form and the preview grids go through atomic_write like every other
+    file minivlm writes: a full disk leaves what was there before."""
+    from minivlm.data.processing import save_image
+    from minivlm.synthetic.dataset import write_dataset
+    write_dataset(tmp_path, n_train=4, n_test=2, seed=0)
+    before = (tmp_path / "pretrain.jsonl").read_bytes()
+    grid = tmp_path / "grid.png"
+    grid.write_bytes(b"the old grid")
+    pq = tmp_path / "old.parquet"
+    pq.write_bytes(b"the old parquet")
+    for name in ("pretrain.jsonl", "grid.png", "old.parquet"):
+        monkeypatch.setattr(os, "replace", enospc_on(name))
+        with pytest.raises(OSError, match="No space left on device"):
+            if name == "pretrain.jsonl":
+                write_dataset(tmp_path, n_train=5, n_test=2, seed=1)
+            elif name == "grid.png":
+                save_image(Image.new("RGB", (8, 8)), grid)
+            else:
+                write_parquet(pq, [([{"role": "user", "content": "hi"}], [png()])])
+        monkeypatch.undo()
+    assert (tmp_path / "pretrain.jsonl").read_bytes() == before
+    assert grid.read_bytes() == b"the old grid" and pq.read_bytes() == b"the old parquet"
+    assert not leftovers(tmp_path)

@@ -11,7 +11,8 @@ import torch
 
 from minivlm.model.checkpoint import load_vlm
 from minivlm.model.config import vlm_preset
-from minivlm.train.loop import CSV_FIELDS, main
+from minivlm.train.loop import main
+from minivlm.train.resume import CSV_FIELDS
 from minivlm.train.optim import set_trainable, trainable_counts
 from minivlm.train.sampler import EpochSampler
 from minivlm.model.vlm import MiniMindVLM

@@ -44,7 +44,8 @@ from .clock import cpu_threads, optimizer_step, time_it, timed_generate as _time
 from . import memory as bench_memory
 from .baselines import (GivenFeaturesLoopVLM, GivenFeaturesVLM, build_model, read_bytes, rebuild_as, synthetic_batch,
                         variant, write_jsonl_dataset)
-from ..common import DTYPES, autocast, grad_scaler, peak_memory_mb, print0, reset_peak_memory, resolve_device, sync
+from ..common import (DTYPES, atomic_write, autocast, grad_scaler, peak_memory_mb, print0, reset_peak_memory,
+                      resolve_device)
 from ..model.config import vlm_preset
 from ..data.dataset import VLMDataset, collate_vlm
 from .flops import (H100_PEAK_TFLOPS, kv_cache_bytes, lm_matmul_params, mfu, projector_matmul_params,
@@ -352,8 +353,7 @@ def main(argv=None) -> int:
     with cpu_threads(args.threads):
         results = run(args, argv)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+        atomic_write(args.json, json.dumps(results, indent=2).encode())
         print0(f"wrote {args.json}")
     return 0
 

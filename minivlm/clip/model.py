@@ -28,7 +28,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -382,8 +381,8 @@ class CLIPTokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
     def save(self, folder):
-        os.makedirs(folder, exist_ok=True)
-        self._tok.save(os.path.join(folder, "tokenizer.json"))
+        os.makedirs(folder, exist_ok=True)  # whole or not at all, like minivlm's own tokenizer
+        atomic_write(os.path.join(folder, "tokenizer.json"), self._tok.to_str(pretty=True).encode())
 
 
 def load_clip_tokenizer(path) -> CLIPTokenizer:

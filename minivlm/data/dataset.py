@@ -388,8 +388,8 @@ def parse_json(text):
             text = bytes(text).decode("utf-8")  # (strict UTF-8 never decodes to a surrogate)
         except UnicodeDecodeError as e:
             raise DataError("invalid JSON", f"not UTF-8 ({e.reason} at byte {e.start})") from None
-    elif unicode_problem(text):  # a str made elsewhere, e.g. decoded with errors="surrogateescape"
-        raise DataError("invalid text", unicode_problem(text))
+    elif problem := unicode_problem(text):  # a str made elsewhere, e.g. decoded with errors="surrogateescape"
+        raise DataError("invalid text", problem)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:

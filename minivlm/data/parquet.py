@@ -239,7 +239,7 @@ def write_parquet(path, rows, row_group_size=1024):
     images = [im[0] for _, im in rows] if single else [list(im) for _, im in rows]
     table = pa.table({COLUMNS[0]: pa.array([json.dumps(c, ensure_ascii=False) for c, _ in rows], pa.string()),
                       COLUMNS[1]: pa.array(images, pa.binary() if single else pa.list_(pa.binary()))})
-    pq.write_table(table, path, row_group_size=row_group_size)
+    atomic_write(path, lambda f: pq.write_table(table, f, row_group_size=row_group_size))
 
 
 def iter_rows(path, columns=COLUMNS, batch_size=256):

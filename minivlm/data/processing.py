@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..common import atomic_write
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -45,6 +47,13 @@ class ImageLoadError(ValueError):
 def too_large(path, pixels) -> ImageLoadError:
     return ImageLoadError(f"{path}: {pixels:,} pixels is more than MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS:,} "
                           f"(minivlm.processing); refusing to decode it")
+
+
+def save_image(image: Image.Image, path, **params):
+    """Write an image file whole or not at all (common.atomic_write), in the format its extension names
+    (PNG when it names none PIL knows). `params` go to PIL, e.g. compress_level=1."""
+    fmt = Image.registered_extensions().get(os.path.splitext(os.fspath(path))[1].lower(), "PNG")
+    atomic_write(path, lambda f: image.save(f, format=fmt, **params))
 
 
 def load_image(path) -> Image.Image:

@@ -22,7 +22,7 @@ from PIL import Image
 from ..common import positive_int, write_error
 from .dataset import DataError, jsonl_lines, parse_conversations
 from .parquet import decode_image, image_list, iter_rows, repack
-from .processing import ImageLoadError, load_image
+from .processing import ImageLoadError, load_image, save_image
 from .prompt import DEFAULT_SYSTEM_PROMPT, IMAGE_MARKER, chat_prompt, encode_chat
 from .tokenizer import PLACEHOLDER, Tokenizer, train_bpe
 
@@ -106,7 +106,7 @@ def preview(path, out, n=16, cols=4, size=128, pad=4):
             r, c = divmod(k, cols)
             grid.paste(im.resize((size, size)), (pad + c * (size + pad), pad + r * (size + pad)))
         notes.append(f"{k + 1:2d}. [{kind}] {where}: {answer[:80]!r}")
-    grid.save(out)
+    save_image(grid, out)
     return notes
 
 

@@ -25,6 +25,14 @@ from ..model.weights import WeightsError
 DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo")
 DEMO_WEIGHTS = os.path.join(DEMO_DIR, "model", "sft_vlm_128.pth")
 SAMPLES_DIR = os.path.join(DEMO_DIR, "samples")
+DEMO_NOTE = ("the demo model knows only the synthetic shapes world; about other images it can only speak the "
+             "language of shapes (it was trained on nothing else)")
+
+
+def demo_note(image_sizes) -> str | None:
+    """What to tell someone who shows the demo model images that are not shapes scenes (the shapes world
+    renders 96 x 96; anything else is a photo or a drawing it never saw), else None."""
+    return DEMO_NOTE if any(tuple(size) != (96, 96) for size in image_sizes) else None
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -142,10 +150,8 @@ def run(args) -> int:
                 print(f"skipped: {e}", file=sys.stderr)  # one bad image must not sink the others
         if not loaded:
             raise UserError(f"none of the {len(files)} images could be read")
-    if os.path.abspath(args.weights) == DEMO_WEIGHTS and any(im.size != (96, 96) for _, im in loaded):
-        # The shapes world renders 96 x 96 scenes; anything else is a photo or a drawing it never saw.
-        print("note: the demo model knows only the synthetic shapes world; about other images it can only "
-              "speak the language of shapes (it was trained on nothing else)")
+    if os.path.abspath(args.weights) == DEMO_WEIGHTS and (note := demo_note(im.size for _, im in loaded)):
+        print(f"note: {note}")
 
     if args.chat:
         name, image = loaded[0]

@@ -15,6 +15,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from ..common import is_int
+
 
 class ConfigError(ValueError):
     """A config field with an unusable value. `field` names it, dotted inside a VLMConfig (lm.hidden_size)."""
@@ -32,7 +34,7 @@ MAX_WIDTH, MAX_LAYERS, MAX_VOCAB, MAX_POSITIONS, MAX_IMAGE_SIZE = 2**16, 1024, 2
 
 def _int_field(cfg, name: str, lo: int, hi: int, prefix: str = ""):
     value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+    if not is_int(value) or not lo <= value <= hi:
         raise ConfigError(prefix + name, f"must be an integer in [{lo}, {hi}], got {value!r}")
 
 
@@ -48,6 +50,21 @@ def _choice_field(cfg, name: str, choices):
     value = getattr(cfg, name)
     if not isinstance(value, (str, bool)) or value not in choices:
         raise ConfigError(name, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_vit_fields(cfg):
+    """The fields every ViT config shares (CLIP's VisionConfig, siglip.SiglipVisionConfig): sizes in range,
+    heads dividing the width, patches tiling the image."""
+    for name, hi in (("hidden_size", MAX_WIDTH), ("intermediate_size", 16 * MAX_WIDTH),
+                     ("num_hidden_layers", MAX_LAYERS), ("num_attention_heads", MAX_WIDTH),
+                     ("image_size", MAX_IMAGE_SIZE), ("patch_size", MAX_IMAGE_SIZE), ("num_channels", 64)):
+        _int_field(cfg, name, 1, hi)
+    _float_field(cfg, "layer_norm_eps", 0, 1, open_hi=True)
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise ConfigError("hidden_size", f"{cfg.hidden_size} is not divisible by "
+                                         f"num_attention_heads {cfg.num_attention_heads}")
+    if cfg.image_size % cfg.patch_size:
+        raise ConfigError("image_size", f"{cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
 
 
 def config_from_file(cls, fields, path):
@@ -151,20 +168,11 @@ class VisionConfig:
     select_feature: str = "patch"
 
     def __post_init__(self):
-        for name, hi in (("hidden_size", MAX_WIDTH), ("intermediate_size", 16 * MAX_WIDTH),
-                         ("num_hidden_layers", MAX_LAYERS), ("num_attention_heads", MAX_WIDTH),
-                         ("image_size", MAX_IMAGE_SIZE), ("patch_size", MAX_IMAGE_SIZE), ("num_channels", 64),
-                         ("projection_dim", MAX_WIDTH)):
-            _int_field(self, name, 1, hi)
-        _float_field(self, "layer_norm_eps", 0, 1, open_hi=True)
+        check_vit_fields(self)
+        _int_field(self, "projection_dim", 1, MAX_WIDTH)
         _choice_field(self, "hidden_act", ("quick_gelu", "gelu"))  # what vision.CLIPMLP implements
         _choice_field(self, "select_feature", ("patch", "cls_patch"))
         _int_field(self, "select_layer", -(self.num_hidden_layers + 1), self.num_hidden_layers)
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError("hidden_size", f"{self.hidden_size} is not divisible by "
-                                             f"num_attention_heads {self.num_attention_heads}")
-        if self.image_size % self.patch_size:
-            raise ConfigError("image_size", f"{self.image_size} is not a multiple of patch_size {self.patch_size}")
 
     @property
     def num_patches(self) -> int:

@@ -30,8 +30,7 @@ from PIL import Image
 
 from ..common import atomic_write
 from ..data.processing import to_rgb
-from .config import (MAX_IMAGE_SIZE, MAX_LAYERS, MAX_WIDTH, ConfigError, _choice_field, _float_field, _int_field,
-                     config_from_file)
+from .config import _choice_field, check_vit_fields, config_from_file
 from .vision import CLIPAttention
 from .weights import WeightsError, load_checked, load_state_dict, read_json, write_safetensors
 
@@ -50,17 +49,8 @@ class SiglipVisionConfig:
     hidden_act: str = "gelu_pytorch_tanh"
 
     def __post_init__(self):
-        for name, hi in (("hidden_size", MAX_WIDTH), ("intermediate_size", 16 * MAX_WIDTH),
-                         ("num_hidden_layers", MAX_LAYERS), ("num_attention_heads", MAX_WIDTH),
-                         ("image_size", MAX_IMAGE_SIZE), ("patch_size", MAX_IMAGE_SIZE), ("num_channels", 64)):
-            _int_field(self, name, 1, hi)
-        _float_field(self, "layer_norm_eps", 0, 1, open_hi=True)
+        check_vit_fields(self)
         _choice_field(self, "hidden_act", ("gelu_pytorch_tanh",))  # what SiglipMLP implements
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError("hidden_size", f"{self.hidden_size} is not divisible by "
-                                             f"num_attention_heads {self.num_attention_heads}")
-        if self.image_size % self.patch_size:
-            raise ConfigError("image_size", f"{self.image_size} is not a multiple of patch_size {self.patch_size}")
 
     @property
     def num_patches(self) -> int:

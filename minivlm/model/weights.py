@@ -18,7 +18,7 @@ import zipfile
 
 import torch
 
-from ..common import atomic_write
+from ..common import atomic_write, is_int, one_line
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -92,20 +92,12 @@ def _read_header(f, path, size):
     try:
         header = json.loads(f.read(n).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
-        raise WeightsError(f"{path}: header is not valid JSON ({one_line_of(e)})") from None
+        raise WeightsError(f"{path}: header is not valid JSON ({one_line(e)})") from None
     except RecursionError:  # `[[[[…` nested deeper than the JSON parser's stack
         raise WeightsError(f"{path}: header is not valid JSON (nested too deeply)") from None
     if not isinstance(header, dict):
         raise WeightsError(f"{path}: header is a JSON {type(header).__name__}, not an object of tensors")
     return header, 8 + n
-
-
-def one_line_of(e) -> str:
-    return (str(e).strip().splitlines() or [""])[0]
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)  # JSON true would otherwise count as 1
 
 
 def check_header(path, header: dict, body_len: int) -> dict:
@@ -148,9 +140,9 @@ def _check_entry(path, name, info, body_len):
     if dtype is None:
         raise WeightsError(f"{where} has unsupported dtype {_short(info['dtype'])}")
     shape, offsets = info["shape"], info["data_offsets"]
-    if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+    if not isinstance(shape, list) or not all(is_int(s) and s >= 0 for s in shape):
         raise WeightsError(f"{where}: shape {_short(shape)} is not a list of non-negative integers")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)):
         raise WeightsError(f"{where}: data_offsets {_short(offsets)} is not a pair of integers [begin, end]")
     begin, end = offsets
     if not 0 <= begin <= end <= body_len:
@@ -258,7 +250,7 @@ def read_json(path) -> dict:
         try:
             value = json.load(f)
         except (ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, a 5000-digit number
-            raise WeightsError(f"{path}: invalid JSON ({one_line_of(e) or 'nested too deeply'})") from None
+            raise WeightsError(f"{path}: invalid JSON ({one_line(e) or 'nested too deeply'})") from None
     if not isinstance(value, dict):  # every caller reads fields out of it
         raise WeightsError(f"{path}: expected a JSON object, got a {type(value).__name__}")
     return value

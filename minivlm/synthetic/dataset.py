@@ -21,8 +21,10 @@ import torch
 from PIL import Image
 
 from .attention import look_rows, look_targets
-from ..common import Progress
+from ..common import Progress, atomic_write
 from ..data.dataset import make_sample
+from ..data.parquet import write_parquet  # pyarrow itself is imported only when a file is written
+from ..data.processing import save_image
 from ..data.prompt import IMAGE_MARKER
 from .world import (CELLS, COLOUR_NAMES, SHAPES, VERSION, caption, conversations_for, example_rng,
                             make_example, multi_turn, render, sample_scene)
@@ -64,7 +66,7 @@ def write_dataset(out_dir, n_train, n_test, seed=0, size=96, n_multi_train=None,
             buf = io.BytesIO()  # the image goes inside the parquet row
             img.save(buf, format="PNG", compress_level=1)
             return buf.getvalue()
-        img.save(os.path.join(img_dir, name), compress_level=1)
+        save_image(img, os.path.join(img_dir, name), compress_level=1)
         return "images/" + name
 
     def write_lines(path, records):
@@ -107,21 +109,17 @@ def write_dataset(out_dir, n_train, n_test, seed=0, size=96, n_multi_train=None,
             "n_train_images": n_train, "n_test_images": n_test,
             "n_train_pairs": n_multi_train, "n_test_pairs": n_multi_test,
             "lines": counts, "shapes": SHAPES, "colours": COLOUR_NAMES, "cells": CELLS}
-    with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2)
+    atomic_write(os.path.join(out_dir, "meta.json"), json.dumps(meta, indent=2).encode())
     return meta
 
 
 def _write_records(path, records):
     """jsonl (image paths) or, for a .parquet path, MiniMind-V parquet (record["image"]: bytes or a list)."""
     if path.endswith(".parquet"):
-        from ..data.parquet import write_parquet  # pyarrow only when asked for
         write_parquet(path, [(r["conversations"], r["image"] if isinstance(r["image"], list) else [r["image"]])
                              for r in records])
         return
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    atomic_write(path, [(json.dumps(r, ensure_ascii=False) + "\n").encode() for r in records])
 
 
 def preview_grid(seed=0, n=16, size=96, cols=4, pad=4):
@@ -260,7 +258,7 @@ def main(argv=None):
         return 0
     if args.preview:
         grid, caps = preview_grid(args.seed, size=args.size)
-        grid.save(args.preview)
+        save_image(grid, args.preview)
         print(f"wrote preview {args.preview} (row-major):")
         for i, c in enumerate(caps, 1):
             print(f"  {i:2d}. {c}")

@@ -39,8 +39,8 @@ import numpy as np
 import torch
 
 from ..model.checkpoint import sha256_of
-from ..common import (DTYPES, Progress, UserError, atomic_write, one_line, positive_int, resolve_device,
-                      write_error)
+from ..common import (DTYPES, Progress, UserError, atomic_write, is_int, one_line, positive_int,
+                      resolve_device, write_error)
 from ..data.dataset import DataError
 from ..data.parquet import open_dataset
 from ..data.processing import preprocess_image
@@ -98,9 +98,6 @@ class FeatureStore:
     def __init__(self, folder):
         self.folder = os.fspath(folder)
         path = os.path.join(self.folder, "manifest.json")
-        if not os.path.isfile(path):
-            raise UserError(f"--features {self.folder}: no manifest.json (not a feature store, or its "
-                            f"`python -m minivlm.features` run never started writing)")
         self.manifest = read_manifest(path)
         if self.manifest.get("format") != FORMAT:
             raise UserError(f"--features {self.folder}: a store of format {self.manifest.get('format')!r}, this "
@@ -337,10 +334,6 @@ def read_manifest(path) -> dict:
     return m
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def check_manifest(m: dict, path):
     """Every field a complete store's reader uses has the type and range it must have: a damaged manifest
     is one line naming the field, not a KeyError or a memmap of the wrong size later in a DataLoader worker."""
@@ -352,20 +345,20 @@ def check_manifest(m: dict, path):
         need(key in m, key, "is missing")
     need(m["dtype"] in _NUMPY, "dtype", f"{m['dtype']!r:.40} is not one of {', '.join(_NUMPY)}")
     shape = m["shape"]
-    need(isinstance(shape, list) and len(shape) == 2 and all(_is_int(s) and 0 < s <= 2**16 for s in shape),
+    need(isinstance(shape, list) and len(shape) == 2 and all(is_int(s) and 0 < s <= 2**16 for s in shape),
          "shape", f"{shape!r:.40} is not [features per image, width]")
     offsets = m["offsets"]
-    need(isinstance(offsets, list) and offsets and all(_is_int(o) for o in offsets) and offsets[0] == 0
+    need(isinstance(offsets, list) and offsets and all(is_int(o) for o in offsets) and offsets[0] == 0
          and all(a <= b for a, b in zip(offsets, offsets[1:])), "offsets", "is not a rising list of rows from 0")
     samples = len(offsets) - 1
-    need(isinstance(m["bad"], list) and all(_is_int(b) and 0 <= b < samples for b in m["bad"]), "bad",
+    need(isinstance(m["bad"], list) and all(is_int(b) and 0 <= b < samples for b in m["bad"]), "bad",
          f"is not a list of sample indices below {samples}")
     need(isinstance(m["vision"], dict) and all(k in m["vision"] for k in ("folder", "sha256", "select_layer",
          "select_feature", "image_size")), "vision", "does not record the tower the store was made with")
     data = m["data"]
     need(isinstance(data, list) and data and all(isinstance(d, dict) for d in data), "data", "is not a list of files")
     for k, d in enumerate(data):
-        need(all(key in d for key in ("path", "size", "mtime", "first_sample")) and _is_int(d["first_sample"])
+        need(all(key in d for key in ("path", "size", "mtime", "first_sample")) and is_int(d["first_sample"])
              and 0 <= d["first_sample"] <= samples, f"data[{k}]", "lacks path, size, mtime or first_sample")
         if "images" in d:
             need(isinstance(d.get("images_dir"), str) and isinstance(d["images"], dict), f"data[{k}].images",

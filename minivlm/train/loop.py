@@ -50,8 +50,8 @@ from ..model.weights import WeightsError
 from .config import TrainConfig, parse
 from .features import use_store
 from .optim import lr_factor, make_optimizer, set_lr, set_trainable, trainable_counts
-from .resume import (CSV_FIELDS, Paths, Saver, StopRequest, append_log, check_out, checkpoint_name,
-                     ignore_signals, prepare_out, restore, save, stop_requested)
+from .resume import (Paths, Saver, StopRequest, append_log, check_out, checkpoint_name, ignore_signals,
+                     prepare_out, restore, save, stop_requested)
 from .sampler import EpochSampler, approx_lengths
 
 

@@ -148,14 +148,20 @@ def csv_text(rows: list[dict]) -> bytes:
 
 
 def append_log(path, row: dict):
-    """Add one row to the CSV log: the whole file rewritten through atomic_write (a log is small), so a
-    kill or a full disk never leaves half a row."""
-    with writing(path):
-        with open(path, "rb") as f:
-            old = f.read()
-        text = io.StringIO(newline="")
-        csv.DictWriter(text, CSV_FIELDS).writerow(row)
-        atomic_write(path, [old, text.getvalue().encode()])
+    """Add one row to the CSV log in one write. A write that fails (a full disk) is cut back off, so the
+    log never keeps half a row; appending, not rewriting, keeps each row's cost independent of the log's
+    length (a long run logs thousands of rows)."""
+    text = io.StringIO(newline="")
+    csv.DictWriter(text, CSV_FIELDS).writerow(row)
+    with writing(path), open(path, "ab") as f:
+        size = f.tell()
+        try:
+            f.write(text.getvalue().encode())
+            f.flush()
+        except OSError:
+            with contextlib.suppress(OSError):
+                f.truncate(size)
+            raise
 
 
 def trim_csv(path, step: int):

@@ -42,6 +42,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..model.checkpoint import load_with_tokenizer
+from ..infer.cli import DEMO_WEIGHTS, SAMPLES_DIR, demo_note
 from ..infer.generate import SamplingConfig, encode_batch
 from ..data.processing import resize_and_crop, to_rgb
 from ..data.prompt import IMAGE_MARKER, PromptError, user_turn
@@ -50,8 +51,6 @@ from .validate import (MAX_BODY_BYTES, MAX_NEW_TOKENS, MAX_UPLOAD_BYTES, HTTPErr
 from .watch import prompt_pieces, watch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEMO_WEIGHTS = os.path.join(os.path.dirname(HERE), "demo", "model", "sft_vlm_128.pth")
-SAMPLES_DIR = os.path.join(os.path.dirname(HERE), "demo", "samples")
 STATIC = {"/": "index.html", "/index.html": "index.html"}  # the only files served, by exact path
 # Every path the server answers, and the methods it takes there (anything else: 405 with this list).
 ROUTES = {**{path: ("GET", "HEAD") for path in STATIC}, "/api/info": ("GET", "HEAD"),
@@ -147,10 +146,8 @@ class App:
         else:
             raise HTTPError(400, 'send {"sample": name} or {"data": base64 image file, "name": file name}')
         crop, size = decode_image(data, self.image_size, name)
-        # The shapes world renders 96 x 96 scenes (as eval_vlm.py notes too); about anything else the demo
-        # model can only speak the language of shapes, and a learner should not take that for a bug.
-        note = ("the demo model knows only the synthetic shapes world; about other images it can only speak the "
-                "language of shapes (it was trained on nothing else)") if self.demo and size != (96, 96) else None
+        # About anything but a shapes scene the demo can only speak the language of shapes: not a bug.
+        note = demo_note([size]) if self.demo else None
         key = hashlib.sha256(crop.tobytes()).hexdigest()[:16]
         with self.images_lock:
             self.images[key] = crop
