@@ -4,7 +4,8 @@ import os
 import pytest
 import torch
 
-from minivlm.model.checkpoint import convert_2025_02, load_vlm, save_vlm
+from minivlm.model.checkpoint import load_vlm, save_vlm
+from minivlm.model.layouts import convert_2025_02
 from minivlm.model.config import LMConfig, VisionConfig, VLMConfig
 from minivlm.model.vision import CLIPVisionModel
 from minivlm.model.vlm import MiniMindVLM

@@ -16,7 +16,7 @@ PKG = os.path.join(ROOT, "minivlm")
 
 # Lower layers never import higher ones; packages on one layer never import each other.
 LAYERS = {"common": 0, "data": 1, "model": 2, "synthetic": 3, "train": 4, "infer": 4,
-          "web": 5, "clip": 5, "lab": 6, "bench": 7}
+          "web": 5, "clip": 5, "recipe": 5, "lab": 6, "bench": 7}
 SHIMS = {"tokenizer", "features", "grow", "probe"}  # minivlm/<name>.py: `python -m minivlm.<name>` only
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 450, 80
 PUBLIC_API = ["load_vlm", "save_vlm", "MiniMindVLM", "MiniMindLM", "LMConfig", "VLMConfig", "vlm_preset",

@@ -62,7 +62,7 @@ def test_siglip_head_is_in_the_file_but_skipped(tower):
 
 def test_siglip_save_pretrained_round_trip(tower, ref, tmp_path):
     tower.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors", "preprocessor_config.json"]
     cfg = json.load(open(tmp_path / "config.json"))
     assert cfg["model_type"] == "siglip_vision_model" and cfg["vision_use_head"] is False
     back = SiglipVisionModel.from_pretrained(tmp_path).eval()

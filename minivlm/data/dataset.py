@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .processing import ImageLoadError, load_image, preprocess_image
+from .processing import ImageLoadError, as_transform, load_image
 from .prompt import IGNORE_INDEX, IMAGE_MARKER, encode_chat, unicode_problem
 
 
@@ -132,12 +132,13 @@ def build_sample(conversations, images, tokenizer, run_length, max_length, image
     input_ids, labels, what = fit_to_length(input_ids, labels, tokenizer.placeholder_id, run_length, max_length)
     kept = images[:input_ids.count(tokenizer.placeholder_id) // run_length]
     kept = [im() if callable(im) else im for im in kept]
+    prep = as_transform(image_size)  # CLIP's crop, or SigLIP's squash (an ImageTransform)
     if kept:
         # A tensor is an image already encoded (features.py's cache): it passes through as it is.
-        pixel_values = torch.stack([im if isinstance(im, torch.Tensor) else preprocess_image(im, image_size)
+        pixel_values = torch.stack([im if isinstance(im, torch.Tensor) else prep(im)
                                     for im in kept])  # (N, 3, S, S), or (N, 196, 768) cached features
     else:
-        pixel_values = torch.zeros(0, 3, image_size, image_size)  # text-only sample
+        pixel_values = torch.zeros(0, 3, prep.size, prep.size)  # text-only sample
     sample = {
         "input_ids": torch.tensor(input_ids, dtype=torch.long),  # (T,)
         "labels": torch.tensor(labels, dtype=torch.long),  # (T,)

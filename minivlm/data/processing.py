@@ -170,3 +170,46 @@ def preprocess_image(image: Image.Image, size: int = 224, mean=CLIP_MEAN, std=CL
     x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # (3, size, size)
 
+
+
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+def squash_image(image: Image.Image, size: int, resample: int = Image.BICUBIC, mean=SIGLIP_MEAN,
+                 std=SIGLIP_STD) -> torch.Tensor:
+    """SigLIP's preparation (Hugging Face's SiglipImageProcessor): RGB, resized to size x size with no crop
+    (the aspect ratio is not kept), scaled by 1/255 as HF does (in float64), normalised -> [3, size, size]."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"squash_image expects a PIL image, got {type(image).__name__}")
+    image = to_rgb(image).resize((size, size), resample=resample, reducing_gap=None)
+    x = (np.asarray(image, dtype=np.float64) * (1 / 255)).astype(np.float32)  # (size, size, 3)
+    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # (3, size, size)
+
+
+class ImageTransform:
+    """How one vision tower wants its pixels: CLIP (shortest side + centre crop, CLIP's mean/std) or SigLIP
+    (squashed to a square, mean = std = 0.5). Datasets, generation and the feature cache take one of these
+    (or a plain int: CLIP at that size), so a model of either generation reads images the way it was trained."""
+
+    def __init__(self, size: int = 224, crop: bool = True, resample: int = Image.BICUBIC, mean=None, std=None):
+        self.size, self.crop, self.resample = size, crop, resample
+        self.mean = tuple(mean or (CLIP_MEAN if crop else SIGLIP_MEAN))
+        self.std = tuple(std or (CLIP_STD if crop else SIGLIP_STD))
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if self.crop:
+            return preprocess_image(image, self.size, self.mean, self.std)
+        return squash_image(image, self.size, self.resample, self.mean, self.std)
+
+    def __repr__(self) -> str:
+        how = "resize shortest side bicubic, center crop" if self.crop else f"squash, resample {self.resample}"
+        return f"{self.size}px rgb, {how}, mean {self.mean}, std {self.std}"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ImageTransform) and repr(self) == repr(other)
+
+
+def as_transform(spec) -> ImageTransform:
+    """An ImageTransform, or an int (CLIP's preparation at that size) -> ImageTransform."""
+    return spec if isinstance(spec, ImageTransform) else ImageTransform(int(spec))

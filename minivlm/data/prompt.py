@@ -13,6 +13,13 @@ The template (ChatML, as MiniMind's tokenizer_config renders it):
     <|im_start|>assistant\\n{content}<|im_end|>\\n
     ...
 
+minimind-3v's template (`template="minimind-3v"`, chosen by a tokenizer that has `<|image_pad|>`) differs
+in three ways: no default system turn, every assistant turn opens with a think block
+`<think>\n{reasoning}\n</think>\n\n` (empty unless the answer holds one; trained, as MiniMind-V labels
+everything after `<|im_start|>assistant\n`), and the generation prompt ends in the empty block. Images are
+runs of 64 `<|image_pad|>`. minivlm always renders the block; MiniMind-V's trainer drops an empty one from
+80 % of samples and adds a random system prompt to 20 %, which are data augmentations, not the template.
+
 Every piece is encoded on its own and the ids are concatenated. The pieces are cut at special tokens
 and at the start of each answer, which is exactly where an inference prompt stops, so the prompt the
 model sees when answering is token for token the start of the conversation it was trained on.
@@ -24,11 +31,13 @@ Forging rule (`sanitize_text`, applied to all message text before markers are ex
   * every "<|" becomes "< |". All special tokens start with "<|", so after this no special token
     string survives in user text: a user typing "<|im_end|>" gets ordinary text tokens, not the
     eos id. (The rule covers special tokens of the form "<|...|>", which is all MiniMind has.)
+  * minimind-3v: '@' is ordinary text there (the placeholder is a special token), and every added token
+    of its tokenizer (also `<think>`, `<tool_call>`) gets the same break after its "<".
 """
 
 from __future__ import annotations
 
-from .tokenizer import BOS_TOKEN, EOS_TOKEN, PLACEHOLDER
+from .tokenizer import BOS_TOKEN, EOS_TOKEN, IMAGE_PAD, PLACEHOLDER
 
 IMAGE_MARKER = "<image>"  # where an image goes in a message; becomes a run of placeholders
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant"
@@ -66,20 +75,30 @@ def check_text(text: str) -> str:
     return text
 
 
-def sanitize_text(text: str) -> str:
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+TEMPLATES = ("minimind-v", "minimind-3v")
+
+
+def sanitize_text(text: str, template: str = "minimind-v", added_tokens=()) -> str:
     """Make message text unable to forge placeholder ids or special tokens (see module docstring). Every
     message passes here before it is tokenized, so text that is not valid Unicode stops here at the latest
-    (a PromptError, not the tokenizer's TypeError); readers refuse it earlier, naming its place."""
-    return check_text(text).replace(PLACEHOLDER, FULLWIDTH_AT).replace("<|", "< |")
+    (a PromptError, not the tokenizer's TypeError); readers refuse it earlier, naming its place.
+    added_tokens: the tokenizer's added token strings (minimind-3v: each is broken after its '<')."""
+    text = check_text(text)
+    if template == "minimind-3v":
+        for token in added_tokens:
+            text = text.replace(token, "< " + token[1:])
+        return text.replace("<|", "< |")
+    return text.replace(PLACEHOLDER, FULLWIDTH_AT).replace("<|", "< |")
 
 
-def image_placeholder(run_length: int) -> str:
-    return PLACEHOLDER * run_length
+def image_placeholder(run_length: int, template: str = "minimind-v") -> str:
+    return (IMAGE_PAD if template == "minimind-3v" else PLACEHOLDER) * run_length
 
 
-def expand_images(text: str, run_length: int) -> str:
-    """Sanitize `text`, then replace each `<image>` marker with a run of `run_length` '@'."""
-    return sanitize_text(text).replace(IMAGE_MARKER, image_placeholder(run_length))
+def expand_images(text: str, run_length: int, template: str = "minimind-v", added_tokens=()) -> str:
+    """Sanitize `text`, then replace each `<image>` marker with a run of `run_length` placeholders."""
+    return sanitize_text(text, template, added_tokens).replace(IMAGE_MARKER, image_placeholder(run_length, template))
 
 
 def user_turn(question: str, n_images: int, question_first: bool = False) -> str:
@@ -100,47 +119,76 @@ def user_turn(question: str, n_images: int, question_first: bool = False) -> str
     return f"{question}\n{markers}".rstrip("\n") if question_first else markers + question
 
 
-def chat_pieces(messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
+def split_think(content: str) -> tuple[str, str]:
+    """minimind-3v: an assistant message -> (reasoning, answer); reasoning is what stands before `</think>`
+    (after `<think>`, newlines trimmed), "" when there is none."""
+    if THINK_CLOSE not in content:
+        return "", content
+    reasoning = content.split(THINK_CLOSE)[0].rstrip("\n").split(THINK_OPEN)[-1].lstrip("\n")
+    return reasoning.strip("\n"), content.split(THINK_CLOSE)[-1].lstrip("\n")
+
+
+def chat_pieces(messages: list[dict], add_generation_prompt: bool = False,
+                template: str = "minimind-v") -> list[tuple[str, bool]]:
     """The rendered chat as a list of (text, trained) pieces; ''.join(texts) == render_chat(...).
 
-    `trained` is True exactly for each assistant answer, the `<|im_end|>` that closes it and the "\\n"
+    `trained` is True exactly for each assistant answer, the `<|im_end|>` that closes it and the "\n"
     after that: the model must learn to say the answer and then to stop, and MiniMind-V (both versions)
-    labels `<|im_end|>\\n`, so minivlm does too. The header `<|im_start|>assistant\\n` is its own
+    labels `<|im_end|>\n`, so minivlm does too. The header `<|im_start|>assistant\n` is its own
     untrained piece because at inference the prompt ends there and the answer starts a new token; the
-    trailing "\\n" is its own piece too, so the ids equal those of encoding the whole text at once.
-    Contents are used as given: `encode_chat` expands the images first.
+    trailing "\n" is its own piece too, so the ids equal those of encoding the whole text at once.
+    minimind-3v: the think block and the answer are one piece (trained), so their ids are those of the
+    whole text, which is what MiniMind-V's trainer encodes. Contents are used as given: `encode_chat`
+    expands the images first.
     """
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown chat template {template!r} (choose from {', '.join(TEMPLATES)})")
+    v3 = template == "minimind-3v"
     pieces = []
-    if not messages or messages[0]["role"] != "system":
+    if not v3 and (not messages or messages[0]["role"] != "system"):
         pieces.append((f"{BOS_TOKEN}system\n{DEFAULT_SYSTEM_PROMPT}{EOS_TOKEN}\n", False))
     for m in messages:
         role, content = m["role"], m["content"]
         if role == "assistant":
+            if v3:
+                reasoning, answer = split_think(content)
+                content = f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n{answer}"
             pieces += [(f"{BOS_TOKEN}assistant\n", False), (content + EOS_TOKEN, True), ("\n", True)]
         else:
             pieces.append((f"{BOS_TOKEN}{role}\n{content}{EOS_TOKEN}\n", False))
     if add_generation_prompt:
         pieces.append((f"{BOS_TOKEN}assistant\n", False))
+        if v3:  # thinking off: the answer follows an empty block
+            pieces.append((f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n", False))
     return pieces
 
 
-def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """Render [{"role", "content"}, ...] as ChatML text."""
-    return "".join(text for text, _ in chat_pieces(messages, add_generation_prompt))
+def render_chat(messages: list[dict], add_generation_prompt: bool = False, template: str = "minimind-v") -> str:
+    """Render [{"role", "content"}, ...] as ChatML text (MiniMind-V's, or minimind-3v's with think blocks)."""
+    return "".join(text for text, _ in chat_pieces(messages, add_generation_prompt, template))
 
 
 def encode_chat(tokenizer, messages: list[dict], run_length: int,
                 add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
     """Messages -> (input_ids, labels), two equally long lists of ints; labels are IGNORE_INDEX
-    outside the trained pieces (not shifted: the loss shifts). `<image>` markers are expanded here.
+    outside the trained pieces (not shifted: the loss shifts). `<image>` markers are expanded here, and
+    the tokenizer's generation decides the template (`tokenizer.template`).
 
     This equals `tokenizer.encode(render_chat(...))` for ordinary text (tests check it). An answer
-    starting with 2+ spaces may differ: whole-text BPE would glue the header's "\\n" to a space, which
-    inference, whose prompt ends at that "\\n", never sees.
+    starting with 2+ spaces may differ: whole-text BPE would glue the header's "\n" to a space, which
+    inference, whose prompt ends at that "\n", never sees.
     """
-    messages = [{"role": m["role"], "content": expand_images(m["content"], run_length)} for m in messages]
+    template = getattr(tokenizer, "template", "minimind-v")
+    added = getattr(tokenizer, "added_tokens", ())
+    def expand(m):
+        if template == "minimind-3v" and m["role"] == "assistant":  # its think block is the template's own
+            reasoning, answer = (expand_images(t, run_length, template, added) for t in split_think(m["content"]))
+            return f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n{answer}"
+        return expand_images(m["content"], run_length, template, added)
+
+    messages = [{"role": m["role"], "content": expand(m)} for m in messages]
     input_ids, labels = [], []
-    for text, trained in chat_pieces(messages, add_generation_prompt):
+    for text, trained in chat_pieces(messages, add_generation_prompt, template):
         ids = tokenizer.encode(text)
         input_ids += ids
         labels += ids if trained else [IGNORE_INDEX] * len(ids)

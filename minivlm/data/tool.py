@@ -165,12 +165,13 @@ def training_texts(files):
         yield f"system\n{DEFAULT_SYSTEM_PROMPT}"  # the default system prompt is in every sample
 
 
-def train_tokenizer(files, vocab_size=6400, out_dir=None) -> Tokenizer:
+def train_tokenizer(files, vocab_size=6400, out_dir=None, template="minimind-v") -> Tokenizer:
     """Train a byte-level BPE on MiniMind-V jsonl or parquet files; returns a `Tokenizer` (saved if out_dir).
+    template "minimind-3v" gives it minimind-3v's 36 added tokens (placeholder <|image_pad|>, id 12).
 
     A small corpus may support fewer merges than asked for: check `.vocab_size` afterwards.
     """
-    tok = train_bpe(training_texts(files), vocab_size)
+    tok = train_bpe(training_texts(files), vocab_size, template)
     if out_dir is not None:
         tok.save(out_dir)
         tok.source = os.path.join(out_dir, "tokenizer.json")
@@ -187,9 +188,12 @@ def tokenizer_main(argv=None):
     train.add_argument("--vocab-size", type=int, default=6400,
                        help="target vocabulary size incl. 3 special tokens and 256 bytes (default 6400)")
     train.add_argument("--out", required=True, metavar="DIR", help="folder to write tokenizer.json into")
+    train.add_argument("--template", choices=["minimind-v", "minimind-3v"], default="minimind-v",
+                       help="the model generation it is for: minimind-v (placeholder '@', 3 special tokens) or "
+                            "minimind-3v (36 added tokens, placeholder <|image_pad|>, for --preset 3v)")
     args = parser.parse_args(argv)
     try:
-        tok = train_tokenizer(args.data, vocab_size=args.vocab_size, out_dir=args.out)
+        tok = train_tokenizer(args.data, vocab_size=args.vocab_size, out_dir=args.out, template=args.template)
     except (OSError, ValueError) as e:  # a missing or bad data file (DataError is a ValueError), an unwritable --out
         # (a full disk: the old tokenizer.json stays whole, see Tokenizer.save)
         print(f"error: {write_error(e) if isinstance(e, OSError) else e}", file=sys.stderr)

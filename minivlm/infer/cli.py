@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--weights", default=DEMO_WEIGHTS, help="minivlm checkpoint or MiniMind-V .pth (2025-04 or 2025-02 "
                                               "layout, detected); default: the shipped demo model")
-    a("--vision", default=None, help="Hugging Face CLIP folder (default: the tower saved with the checkpoint)")
+    a("--vision", default=None, help="Hugging Face CLIP folder, or SigLIP2 for a minimind-3v checkpoint (default: "
+                                     "the tower saved with the checkpoint)")
     a("--tokenizer", default=None, help="tokenizer.json or folder (default: tokenizer.json beside --weights)")
     a("--images", nargs="+", default=[SAMPLES_DIR], help="image files and/or folders (default: the samples)")
     a("--prompt", default="Describe the image.", help="the question asked about each image")
@@ -81,7 +82,28 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype for inference")
     a("--num-heads", type=int, default=None,
       help="decoder attention heads, for checkpoints without a minivlm JSON (MiniMind: 8)")
+    add_preset_flag(p)
     return p
+
+
+GENERATIONS = ("26m", "104m", "26m-moe", "3v", "3v-moe")
+
+
+def add_preset_flag(p: argparse.ArgumentParser):
+    p.add_argument("--preset", default=None, choices=GENERATIONS,
+                   help="what --weights must be (default: read off the weights: a minimind-3v .pth has "
+                        "vision_proj.mlp.* and QK-norm keys); 3v/3v-moe need a SigLIP2 --vision folder and "
+                        "minimind-3v's tokenizer, 26m/104m/26m-moe a CLIP folder")
+
+
+def check_preset(model, preset: str | None, weights: str):
+    """--preset as a promise about --weights: a checkpoint of another generation, or dense vs MoE, is refused."""
+    if preset is None:
+        return
+    is_3v, is_moe = model.vlm_config.chat_template == "minimind-3v", model.config.use_moe
+    if is_3v != preset.startswith("3v") or is_moe != preset.endswith("moe"):
+        what = ("minimind-3v" if is_3v else "MiniMind-V") + (" MoE" if is_moe else " dense")
+        raise UserError(f"--preset {preset}: {weights} is a {what} checkpoint")
 
 
 def collect_images(paths) -> list[str]:
@@ -104,6 +126,7 @@ def load_model(args):
     overrides = {"num_attention_heads": args.num_heads} if args.num_heads else {}
     model, tokenizer, question_first = load_with_tokenizer(args.weights, args.tokenizer, args.vision,
                                                            DTYPES[args.dtype], **overrides)  # no fp32 copy first
+    check_preset(model, args.preset, args.weights)
     device = resolve_device(args.device)
     return model.to(device=device, dtype=DTYPES[args.dtype]).eval(), tokenizer, device, question_first
 

@@ -25,7 +25,7 @@ from typing import Iterator
 
 import torch
 
-from ..data.processing import preprocess_image
+from ..data.processing import as_transform
 from ..data.prompt import chat_prompt, user_turn
 
 
@@ -261,17 +261,17 @@ def encode_batch(model, tokenizer, items: list[tuple[list, list[dict]]], image_s
     """[(images, messages), ...] -> the model's inputs on its device, as one left-padded batch:
     input_ids and attention_mask (B, T); pixel_values (B, N_max, 3, S, S), zero-padded, and image_counts
     (B,) saying how many of each row's N_max slots are real (both None when no item has an image)."""
-    image_size = image_size or model.vlm_config.vision.image_size
+    prep = as_transform(image_size or model.vlm_config.image_transform)  # the model's own preparation
     device = _model_device(model)
     prompts = [chat_prompt(tokenizer, messages, model.run_length) for _, messages in items]
     input_ids, attention_mask = left_pad(prompts, tokenizer.pad_id)
     counts = [len(images) for images, _ in items]
     pixel_values = image_counts = None
     if max(counts) > 0:
-        pixel_values = torch.zeros(len(items), max(counts), 3, image_size, image_size)
+        pixel_values = torch.zeros(len(items), max(counts), 3, prep.size, prep.size)
         for b, (images, _) in enumerate(items):
             for k, im in enumerate(images):
-                pixel_values[b, k] = preprocess_image(im, image_size)
+                pixel_values[b, k] = prep(im)
         pixel_values = pixel_values.to(device)
         image_counts = torch.tensor(counts, device=device)
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),

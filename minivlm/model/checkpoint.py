@@ -4,10 +4,8 @@ A checkpoint is a plain state dict (`.pth`, or `.safetensors`) without CLIP weig
 separately from its Hugging Face folder. minivlm writes a `<name>.json` beside each checkpoint with
 the config, so loading needs no guessing; for files without one the config is read off tensor shapes.
 
-Two key layouts exist in the wild:
-  2025-04 (minivlm's own names, = Llama's): model.embed_tokens.weight, model.layers.{i}.self_attn.q_proj...
-  2025-02: tok_embeddings.weight, layers.{i}.attention.wq..., with *interleaved* RoPE; converting it
-           needs a row permutation of wq/wk, see `convert_2025_02`.
+Both key layouts in the wild (2025-04, 2025-02) and both generations (MiniMind-V, minimind-3v) load:
+`layouts.py` recognises and converts them.
 Nothing is matched loosely: missing, unexpected or mis-shaped keys are an error that names them.
 
 A save is one unit (`save_vlm`). The JSON vouches for the files of one save: the step and the sha256 of
@@ -33,105 +31,15 @@ import warnings
 
 import torch
 
-from .config import LMConfig, VisionConfig, VLMConfig, config_from_file
+from .config import GENERATION_3V, VISION_CONFIGS, VLMConfig, config_from_file
+from .layouts import check_tying, file_is_tied, infer_lm_config, is_3v, to_2025_04
+from .siglip import SiglipVisionModel
 from .vision import CLIPVisionModel
 from .vlm import MiniMindVLM
 from ..common import atomic_link, atomic_write
 from .lm import rope_tables
 from ..data.tokenizer import Tokenizer
 from .weights import WeightsError, check_state_dict, load_state_dict, read_json
-
-# Derived buffers some MiniMind versions saved; they are recomputed from the config, never loaded.
-_DERIVED = re.compile(r"(^|\.)(mask|pos_cis|freqs_cos|freqs_sin)$")
-
-
-def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Permute the output rows of wq/wk, inside each head, from interleaved RoPE pairs (0,1), (2,3), …
-    to rotate-half pairs (0, d/2), (1, d/2+1), …: new row i = old 2i, new row d/2+i = old 2i+1."""
-    out, inp = w.shape
-    d = out // n_heads
-    return w.view(n_heads, d // 2, 2, inp).transpose(1, 2).reshape(out, inp)
-
-
-def convert_2025_02(sd: dict, num_attention_heads: int = 8) -> dict:
-    """Rename a 2025-02 state dict to the 2025-04 layout and fix its RoPE convention."""
-    hidden = sd["tok_embeddings.weight"].shape[1]
-    head_dim = hidden // num_attention_heads
-    out = {}
-    for k, v in sd.items():
-        if _DERIVED.search(k):
-            continue
-        m = re.match(r"layers\.(\d+)\.(.+)$", k)
-        if k == "tok_embeddings.weight":
-            out["model.embed_tokens.weight"] = v
-        elif k == "norm.weight":
-            out["model.norm.weight"] = v
-        elif k == "output.weight":
-            out["lm_head.weight"] = v
-        elif m:
-            i, rest = m.groups()
-            rest = (rest.replace("attention.wq", "self_attn.q_proj").replace("attention.wk", "self_attn.k_proj")
-                    .replace("attention.wv", "self_attn.v_proj").replace("attention.wo", "self_attn.o_proj")
-                    .replace("attention_norm", "input_layernorm").replace("ffn_norm", "post_attention_layernorm")
-                    .replace("feed_forward.shared_experts.", "mlp.shared_experts.0.")
-                    .replace("feed_forward.", "mlp.")
-                    .replace("w1.", "gate_proj.").replace("w3.", "up_proj.").replace("w2.", "down_proj."))
-            if rest == "self_attn.q_proj.weight":
-                v = interleaved_to_half(v, num_attention_heads)
-            elif rest == "self_attn.k_proj.weight":
-                v = interleaved_to_half(v, v.shape[0] // head_dim)
-            out[f"model.layers.{i}.{rest}"] = v
-        else:
-            out[k] = v  # vision_proj.* and anything unknown (reported later as unexpected)
-    return out
-
-
-def detect_layout(sd: dict) -> str:
-    if "tok_embeddings.weight" in sd:
-        return "2025-02"
-    if "model.embed_tokens.weight" in sd:
-        return "2025-04"
-    raise WeightsError("no embedding matrix found (neither model.embed_tokens.weight nor tok_embeddings.weight): "
-                       "not a MiniMind checkpoint")
-
-
-def to_2025_04(sd: dict, num_attention_heads: int = 8) -> dict:
-    """Any supported layout -> 2025-04 keys; derived buffers and CLIP keys dropped; tied head filled in."""
-    if detect_layout(sd) == "2025-02":
-        sd = convert_2025_02(sd, num_attention_heads)
-    sd = {k: v for k, v in sd.items() if not _DERIVED.search(k) and not k.startswith("vision_encoder.")}
-    if "lm_head.weight" not in sd:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]  # tied
-    return sd
-
-
-def file_is_tied(sd: dict) -> bool:
-    """Whether a 2025-04 state dict's lm_head is its embedding matrix (MiniMind's) or a matrix of its own."""
-    return torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"])
-
-
-def check_tying(sd: dict, tied: bool, source: str):
-    if tied and not file_is_tied(sd):
-        raise WeightsError(f"{source}: lm_head.weight differs from model.embed_tokens.weight, but the model "
-                           f"ties them (tie_word_embeddings=True): a checkpoint of an untied model")
-
-
-def infer_lm_config(sd: dict, **overrides) -> LMConfig:
-    """Read an LMConfig off the tensor shapes of a 2025-04 state dict (heads default to MiniMind's 8)."""
-    vocab, hidden = sd["model.embed_tokens.weight"].shape
-    layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"model\.layers\.(\d+)\.", k)))
-    experts = {int(m.group(1)) for k in sd if (m := re.match(r"model\.layers\.0\.mlp\.experts\.(\d+)\.", k))}
-    shared = {int(m.group(1)) for k in sd if (m := re.match(r"model\.layers\.0\.mlp\.shared_experts\.(\d+)\.", k))}
-    ffn_key = "model.layers.0.mlp.experts.0.gate_proj.weight" if experts else "model.layers.0.mlp.gate_proj.weight"
-    fields = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                  intermediate_size=sd[ffn_key].shape[0], use_moe=bool(experts))
-    if experts:
-        fields.update(n_routed_experts=len(experts), n_shared_experts=len(shared))
-    fields.update(overrides)
-    heads = fields.get("num_attention_heads", 8)
-    fields.setdefault("num_key_value_heads", sd["model.layers.0.self_attn.k_proj.weight"].shape[0] // (hidden // heads))
-    return LMConfig(**fields)
-
 
 def config_path_for(weights) -> str:
     return os.path.splitext(os.fspath(weights))[0] + ".json"
@@ -243,7 +151,8 @@ def load_vlm(weights, vision=None, dtype: torch.dtype | None = None, **config_ov
         del sd["lm_head.weight"]  # the embeddings: re-tied below instead of converted twice
     for k in list(sd):  # before the tower is read: the file's copy of each tensor goes once converted
         sd[k] = sd.pop(k).to(dtype)
-    vision_model = _vision_for(weights, vision, saved, dtype, vision_dir)
+    kind = saved["vlm"].get("vision_type", "clip") if saved else ("siglip" if is_3v(sd) else "clip")
+    vision_model = _vision_for(weights, vision, saved, dtype, vision_dir, kind)
     if saved:
         cfg = VLMConfig.from_dict(saved["vlm"])
         for k, v in config_overrides.items():
@@ -253,12 +162,14 @@ def load_vlm(weights, vision=None, dtype: torch.dtype | None = None, **config_ov
             cfg.placeholder_id = saved["placeholder_id"]
     else:
         proj_keys = [k for k in sd if k.startswith("vision_proj.")]
-        kind = ("mlp2x_gelu" if "vision_proj.vision_proj.2.weight" in sd else
+        kind = ("ln_mlp" if "vision_proj.mlp.0.weight" in sd else
+                "mlp2x_gelu" if "vision_proj.vision_proj.2.weight" in sd else
                 "linear" if "vision_proj.vision_proj.0.weight" in sd else "identity")
         if not proj_keys and kind == "identity" and vision_model.config.hidden_size != sd["model.embed_tokens.weight"].shape[1]:
             raise WeightsError(f"{weights}: no projector weights (vision_proj.*) in the checkpoint")
+        generation = dict(GENERATION_3V, projector_type=kind) if is_3v(sd) else dict(projector_type=kind)
         cfg = VLMConfig(lm=infer_lm_config(sd, tie_word_embeddings=tied, **config_overrides),
-                        vision=vision_model.config, projector_type=kind)
+                        vision=vision_model.config, **generation)
     cfg.vision = vision_model.config
     # Decoder and projector on the meta device: shapes only, no random init that the checkpoint would
     # overwrite; the checkpoint's tensors (converted one by one) then become the parameters.
@@ -277,19 +188,37 @@ def load_vlm(weights, vision=None, dtype: torch.dtype | None = None, **config_ov
     return model
 
 
-def _vision_for(weights, vision, saved, dtype, vision_dir) -> CLIPVisionModel:
+def load_vision_tower(folder, dtype: torch.dtype | None = None):
+    """A Hugging Face tower folder -> CLIPVisionModel or SiglipVisionModel, by its config.json's model_type."""
+    path = os.path.join(os.fspath(folder), "config.json")
+    raw = read_json(path) if os.path.isfile(path) else {}
+    model_type = str(raw.get("model_type", "")) if isinstance(raw, dict) else ""
+    tower = SiglipVisionModel if "siglip" in model_type else CLIPVisionModel
+    return tower.from_pretrained(folder, dtype=dtype)
+
+
+def _vision_for(weights, vision, saved, dtype, vision_dir, kind="clip"):
     """The tower load_vlm uses: given, from a folder, the one saved with the checkpoint (`vision_dir`,
-    found by saved_files), or random."""
-    if isinstance(vision, CLIPVisionModel):
-        return vision.to(dtype)  # in place (a no-op when it already is): one dtype for the whole model
-    if vision is not None:
-        return CLIPVisionModel.from_pretrained(vision, dtype=dtype)
-    if vision_dir is not None:  # a tower trained together with this checkpoint
-        return CLIPVisionModel.from_pretrained(vision_dir, dtype=dtype)
-    vision_cfg = VisionConfig(**saved["vlm"]["vision"]) if saved else VisionConfig()
-    warnings.warn(f"{weights}: no CLIP vision tower given (vision=...): it is randomly initialised, "
-                  f"image features will be meaningless")
-    return CLIPVisionModel(vision_cfg).to(dtype)
+    found by saved_files), or random. `kind` ("clip" / "siglip") is what the checkpoint needs; a tower of
+    the other kind is refused (a minimind-3v checkpoint with CLIP would mix 64 with 196 image tokens)."""
+    if isinstance(vision, (CLIPVisionModel, SiglipVisionModel)):
+        tower = vision.to(dtype)  # in place (a no-op when it already is): one dtype for the whole model
+    elif vision is not None:
+        tower = load_vision_tower(vision, dtype)
+    elif vision_dir is not None:  # a tower trained together with this checkpoint
+        tower = load_vision_tower(vision_dir, dtype)
+    else:
+        fields = saved["vlm"]["vision"] if saved else {}
+        warnings.warn(f"{weights}: no vision tower given (vision=...): it is randomly initialised, "
+                      f"image features will be meaningless")
+        tower = SiglipVisionModel if kind == "siglip" else CLIPVisionModel
+        return tower(VISION_CONFIGS[kind](**fields)).to(dtype)
+    got = "siglip" if isinstance(tower, SiglipVisionModel) else "clip"
+    if got != kind:
+        want = "a SigLIP folder (minimind-3v)" if kind == "siglip" else "a CLIP folder (MiniMind-V)"
+        raise WeightsError(f"{weights}: this checkpoint needs {want}, but the vision tower given is "
+                           f"{'SigLIP' if got == 'siglip' else 'CLIP'}")
+    return tower
 
 
 def load_lm_weights(model, path):
@@ -374,7 +303,7 @@ def finish_save(path):
         tower = os.path.join(folder, meta["vision_folder"])
         os.makedirs(tower, exist_ok=True)
         pairs += [(os.path.join(staging, "vision", n), os.path.join(tower, n))
-                  for n in ("config.json", "model.safetensors")]
+                  for n in ("config.json", "preprocessor_config.json", "model.safetensors")]
     for staged, usual in pairs:
         if os.path.isfile(staged):  # the staging folder is removed only after the JSON stops naming it
             atomic_link(staged, usual)
@@ -412,6 +341,10 @@ def check_tokenizer(model: MiniMindVLM, tokenizer, source: str, trained_with: in
     than the model was trained with (`trained_with`, from the checkpoint JSON; a foreign tokenizer that
     happens to fit would make the model read nonsense), or a different id for '@' (every image run
     would then go unnoticed). `source` names the tokenizer."""
+    template = getattr(tokenizer, "template", "minimind-v")
+    if template != model.vlm_config.chat_template:
+        raise WeightsError(f"{source}: a {template} tokenizer, but the model is {model.vlm_config.chat_template}: "
+                           f"they do not belong together")
     if tokenizer.vocab_size > model.config.vocab_size:
         raise WeightsError(f"{source}: tokenizer has {tokenizer.vocab_size} tokens, the model only "
                            f"{model.config.vocab_size}: they do not belong together")
@@ -419,5 +352,5 @@ def check_tokenizer(model: MiniMindVLM, tokenizer, source: str, trained_with: in
         raise WeightsError(f"{source}: tokenizer has {tokenizer.vocab_size} tokens, but the checkpoint was "
                            f"trained with one of {trained_with}: they do not belong together")
     if tokenizer.placeholder_id != model.placeholder_id:
-        raise WeightsError(f"{source}: '@' is id {tokenizer.placeholder_id} here but {model.placeholder_id} "
+        raise WeightsError(f"{source}: the image placeholder is id {tokenizer.placeholder_id} here but {model.placeholder_id} "
                            f"in the checkpoint: they do not belong together")

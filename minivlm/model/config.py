@@ -4,6 +4,7 @@ Three small dataclasses describe the whole model:
 
 * ``LMConfig``     – the MiniMind (Llama-style) decoder. ``LMConfig()`` is the 26M "MiniMind2-Small".
 * ``VisionConfig`` – the CLIP ViT. ``VisionConfig()`` is ``openai/clip-vit-base-patch16``.
+* ``SiglipVisionConfig`` – the SigLIP tower of the minimind-3v generation.
 * ``VLMConfig``    – ties them together: which vision features to take, the projector, the placeholder.
 
 Presets are plain functions returning fresh objects, so nobody mutates a shared default by accident.
@@ -16,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..common import is_int
+from ..data.processing import ImageTransform
 
 
 class ConfigError(ValueError):
@@ -107,6 +109,10 @@ class LMConfig:
     n_shared_experts: int = 1
     norm_topk_prob: bool = True
     aux_loss_alpha: float = 0.1
+    # "minimind-v": DeepSeek-style, as MiniMind 2025 (top-k weights renormalised only when k > 1, the
+    # auxiliary loss per sequence). "minimind-3v": top-k weights always renormalised (top-1 -> weight 1),
+    # the auxiliary loss over the whole batch (Switch Transformer's f_i * P_i).
+    moe_style: str = "minimind-v"
     # MiniMind reads and writes tokens with one matrix (lm_head.weight is embed_tokens.weight). False
     # gives lm_head its own matrix and unit-scale embeddings (see MiniMindLM.__init__ for why).
     tie_word_embeddings: bool = True
@@ -138,6 +144,7 @@ class LMConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError("num_attention_heads", f"{self.num_attention_heads} is not a multiple of "
                                                      f"num_key_value_heads {self.num_key_value_heads}")
+        _choice_field(self, "moe_style", ("minimind-v", "minimind-3v"))
         if self.attn_impl not in ("sdpa", "eager"):
             raise ConfigError("attn_impl", f"must be 'sdpa' or 'eager', got {self.attn_impl!r}")
         if self.use_moe and self.num_experts_per_tok > self.n_routed_experts:
@@ -180,17 +187,52 @@ class VisionConfig:
 
 
 @dataclass
-class VLMConfig:
-    lm: LMConfig = field(default_factory=LMConfig)
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    projector_type: str = "linear"  # "linear" (MiniMind-V) | "mlp2x_gelu" | "identity" (LLaVA) | "ln_mlp" (minimind-3v)
-    # The token id of '@', the placeholder that stands for one image feature (34 in MiniMind's
-    # vocabulary; a tokenizer trained here may give it another id, which the checkpoint records).
-    placeholder_id: int = 34
+class SiglipVisionConfig:
+    """SigLIP's tower (siglip.py). Defaults: SigLIP2 base, patch 32 at 256 px (64 patches of width 768),
+    the tower of minimind-3v. `resample` is not a Hugging Face config field: it is the PIL filter of the
+    folder's preprocessor_config.json (2 = bilinear, what SigLIP2 folders set), kept with the model."""
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    image_size: int = 256
+    patch_size: int = 32
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"
+    resample: int = 2
 
     def __post_init__(self):
+        check_vit_fields(self)
+        _choice_field(self, "hidden_act", ("gelu_pytorch_tanh",))  # what siglip.SiglipMLP implements
+        _int_field(self, "resample", 0, 5)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2  # 64 for patch 32 at 256 px
+
+
+VISION_CONFIGS = {"clip": VisionConfig, "siglip": SiglipVisionConfig}
+CHAT_TEMPLATES = ("minimind-v", "minimind-3v")  # data/prompt.py renders both
+
+
+@dataclass
+class VLMConfig:
+    lm: LMConfig = field(default_factory=LMConfig)
+    vision: VisionConfig | SiglipVisionConfig = field(default_factory=VisionConfig)
+    projector_type: str = "linear"  # "linear" (MiniMind-V) | "mlp2x_gelu" | "identity" (LLaVA) | "ln_mlp" (minimind-3v)
+    # The token id of the placeholder that stands for one image feature: '@' (34 in MiniMind's vocabulary;
+    # a tokenizer trained here may give it another id, which the checkpoint records), or minimind-3v's
+    # special token <|image_pad|> (12).
+    placeholder_id: int = 34
+    vision_type: str = "clip"  # "clip" (VisionConfig, vision.py) | "siglip" (SiglipVisionConfig, siglip.py)
+    chat_template: str = "minimind-v"  # how prompts are rendered (data/prompt.py): MiniMind-V's or minimind-3v's
+
+    def __post_init__(self):
+        _choice_field(self, "vision_type", tuple(VISION_CONFIGS))
+        _choice_field(self, "chat_template", CHAT_TEMPLATES)
         # Accept nested dicts (as read back from JSON); an error inside names the field as lm.<field>.
-        for part, kind in (("lm", LMConfig), ("vision", VisionConfig)):
+        for part, kind in (("lm", LMConfig), ("vision", VISION_CONFIGS[self.vision_type])):
             value = getattr(self, part)
             if isinstance(value, kind):
                 continue
@@ -209,8 +251,15 @@ class VLMConfig:
     @property
     def run_length(self) -> int:
         """How many placeholder tokens stand for one image (= features the vision tower yields)."""
-        extra = 1 if self.vision.select_feature == "cls_patch" else 0
+        extra = 1 if getattr(self.vision, "select_feature", "patch") == "cls_patch" else 0  # SigLIP has no CLS
         return self.vision.num_patches + extra
+
+    @property
+    def image_transform(self) -> ImageTransform:
+        """How this model's images become pixel_values: CLIP's crop, or SigLIP's squash to a square."""
+        if self.vision_type == "siglip":
+            return ImageTransform(self.vision.image_size, crop=False, resample=self.vision.resample)
+        return ImageTransform(self.vision.image_size)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -248,12 +297,30 @@ def vision_tiny() -> VisionConfig:
                         image_size=96, patch_size=16, projection_dim=128)
 
 
-LM_PRESETS = {"26m": lm_26m, "104m": lm_104m, "26m-moe": lm_26m_moe, "tiny": lm_tiny}
+def lm_3v() -> LMConfig:
+    """minimind-3v's decoder: width 768, 8 layers, 8 query / 4 key-value heads of 96, FFN ceil(768 pi / 64) * 64
+    = 2432, RMSNorm eps 1e-6, QK-norm, tied embeddings."""
+    return LMConfig(hidden_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                    intermediate_size=math.ceil(768 * math.pi / 64) * 64, rms_norm_eps=1e-6, qk_norm=True)
+
+
+def lm_3v_moe() -> LMConfig:
+    """minimind-3v's MoE: 4 routed experts of the full FFN width, top-1, no shared expert, aux loss 5e-4."""
+    return dataclasses.replace(lm_3v(), use_moe=True, n_routed_experts=4, num_experts_per_tok=1,
+                               n_shared_experts=0, aux_loss_alpha=5e-4, moe_style="minimind-3v")
+
+
+LM_PRESETS = {"26m": lm_26m, "104m": lm_104m, "26m-moe": lm_26m_moe, "tiny": lm_tiny, "3v": lm_3v,
+              "3v-moe": lm_3v_moe}
+GENERATION_3V = dict(vision_type="siglip", projector_type="ln_mlp", placeholder_id=12, chat_template="minimind-3v")
 
 
 def vlm_preset(name: str) -> VLMConfig:
-    """Named VLM configurations: '26m', '104m', '26m-moe' (all with CLIP ViT-B/16) and 'tiny'."""
+    """Named VLM configurations: '26m', '104m', '26m-moe' (MiniMind-V: CLIP ViT-B/16, 196 '@'), 'tiny' (the
+    offline shapes model), '3v' and '3v-moe' (minimind-3v: SigLIP2 p32-256, 64 <|image_pad|>)."""
     if name not in LM_PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(LM_PRESETS)}")
+    if name.startswith("3v"):
+        return VLMConfig(lm=LM_PRESETS[name](), vision=SiglipVisionConfig(), **GENERATION_3V)
     vision = vision_tiny() if name == "tiny" else VisionConfig()
     return VLMConfig(lm=LM_PRESETS[name](), vision=vision)

@@ -172,6 +172,7 @@ class MoEGate(nn.Module):
         self.n_experts = config.n_routed_experts
         self.norm_topk_prob = config.norm_topk_prob
         self.alpha = config.aux_loss_alpha
+        self.style = config.moe_style
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
         nn.init.normal_(self.weight, std=0.02)
 
@@ -180,10 +181,14 @@ class MoEGate(nn.Module):
         B, T, h = x.shape
         scores = F.linear(x.reshape(-1, h), self.weight).softmax(dim=-1)  # (B*T, E)
         topk_weight, topk_idx = torch.topk(scores, self.top_k, dim=-1, sorted=False)
-        if self.top_k > 1 and self.norm_topk_prob:
+        if self.norm_topk_prob and (self.top_k > 1 or self.style == "minimind-3v"):
             topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
         aux_loss = scores.new_zeros(())
-        if self.training and self.alpha > 0:
+        if self.training and self.alpha > 0 and self.style == "minimind-3v":
+            # Over the whole batch: (share of picks per expert) x (its mean score) x E; 1.0 x alpha when even.
+            load = F.one_hot(topk_idx, self.n_experts).float().mean(dim=0)  # (k, E)
+            aux_loss = (load * scores.mean(dim=0)).sum() * self.n_experts * self.alpha
+        elif self.training and self.alpha > 0:
             # Per sequence: (how often each expert was picked, relative to uniform) x (its mean score).
             # Minimal when load is spread evenly; its gradient flows through the scores.
             picks = scores.new_zeros(B, self.n_experts)

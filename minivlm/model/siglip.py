@@ -20,41 +20,17 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
 from ..common import atomic_write
-from ..data.processing import to_rgb
-from .config import _choice_field, check_vit_fields, config_from_file
+from ..data.processing import SIGLIP_MEAN, SIGLIP_STD, squash_image
+from .config import SiglipVisionConfig, config_from_file
 from .vision import CLIPAttention
 from .weights import WeightsError, load_checked, load_state_dict, read_json, write_safetensors
-
-
-@dataclass
-class SiglipVisionConfig:
-    """Defaults: SigLIP2 base, patch 32 at 256 px (64 patches of width 768)."""
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    image_size: int = 256
-    patch_size: int = 32
-    num_channels: int = 3
-    layer_norm_eps: float = 1e-6
-    hidden_act: str = "gelu_pytorch_tanh"
-
-    def __post_init__(self):
-        check_vit_fields(self)
-        _choice_field(self, "hidden_act", ("gelu_pytorch_tanh",))  # what SiglipMLP implements
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2  # 64 for patch 32 at 256 px
 
 
 # "Sigmoid Loss for Language Image Pre-Training", Zhai et al. 2023 (SigLIP2: Tschannen et al. 2025)
@@ -161,13 +137,19 @@ class SiglipVisionModel(nn.Module):
         return model
 
     def save_pretrained(self, folder):
-        """Write a Hugging Face-style vision-only folder (config.json + model.safetensors, keys
-        `vision_model.*`, no head) that `from_pretrained` (ours or the reference one) reads back."""
+        """Write a Hugging Face-style vision-only folder (config.json, preprocessor_config.json and
+        model.safetensors, keys `vision_model.*`, no head) that `from_pretrained` (ours or the reference one) reads back."""
         os.makedirs(folder, exist_ok=True)
         fields = {k: getattr(self.config, k) for k in _HF_SIGLIP_DEFAULTS}
         cfg = {"model_type": "siglip_vision_model", "architectures": ["SiglipVisionModel"], **fields,
                "vision_use_head": False}
         atomic_write(os.path.join(folder, "config.json"), json.dumps(cfg, indent=2).encode())
+        size = self.config.image_size
+        prep = {"image_processor_type": "SiglipImageProcessor", "do_resize": True,
+                "size": {"height": size, "width": size}, "resample": self.config.resample, "do_rescale": True,
+                "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(SIGLIP_MEAN),
+                "image_std": list(SIGLIP_STD), "do_convert_rgb": True}
+        atomic_write(os.path.join(folder, "preprocessor_config.json"), json.dumps(prep, indent=2).encode())
         write_safetensors(dict(self.state_dict()), os.path.join(folder, "model.safetensors"), {"format": "pt"})
 
 
@@ -194,7 +176,17 @@ def read_siglip_config(folder) -> SiglipVisionConfig:
     sub = raw.get("vision_config") or raw
     if not isinstance(sub, dict):
         raise WeightsError(f"{path}: vision_config is a {type(sub).__name__}, not an object")
-    return config_from_file(SiglipVisionConfig, {k: sub.get(k, v) for k, v in _HF_SIGLIP_DEFAULTS.items()}, path)
+    fields = {k: sub.get(k, v) for k, v in _HF_SIGLIP_DEFAULTS.items()}
+    if os.path.isfile(os.path.join(os.fspath(folder), "preprocessor_config.json")):
+        prep = siglip_preprocess_settings(folder)
+        if prep["size"] != fields["image_size"] or prep["mean"] != SIGLIP_MEAN or prep["std"] != SIGLIP_STD:
+            raise WeightsError(f"{os.path.join(os.fspath(folder), 'preprocessor_config.json')}: size "
+                               f"{prep['size']}, mean {prep['mean']}, std {prep['std']}: minivlm reads SigLIP "
+                               f"images at the tower's image_size {fields['image_size']} with mean = std = 0.5")
+        fields["resample"] = prep["resample"]
+    else:
+        fields["resample"] = int(Image.BICUBIC)  # what SiglipImageProcessor does without a config
+    return config_from_file(SiglipVisionConfig, fields, path)
 
 
 def siglip_weights_file(folder) -> str:
@@ -208,21 +200,12 @@ def siglip_weights_file(folder) -> str:
 # ---------------------------------------------------------------------------------------------
 # Preprocessing: Hugging Face's SiglipImageProcessor (PIL backend)
 
-SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
-
-
 def siglip_preprocess(image: Image.Image, size: int = 256, resample: int = Image.BICUBIC,
                       mean=SIGLIP_MEAN, std=SIGLIP_STD) -> torch.Tensor:
-    """A PIL image of any mode -> FloatTensor[3, size, size]: RGB (transparent pixels on white), resized
-    to size x size with no crop (the aspect ratio is not kept), scaled by 1/255, normalised.
-    `resample` is a PIL filter number: 3 = bicubic (the processor's default), 2 = bilinear (what
-    SigLIP2 folders tend to set); siglip_preprocess_settings reads it from a folder."""
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"siglip_preprocess expects a PIL image, got {type(image).__name__}")
-    image = to_rgb(image).resize((size, size), resample=resample, reducing_gap=None)
-    x = (np.asarray(image, dtype=np.float64) * (1 / 255)).astype(np.float32)  # (size, size, 3), as HF rescales
-    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # (3, size, size)
+    """A PIL image of any mode -> FloatTensor[3, size, size] as SiglipImageProcessor makes it
+    (processing.squash_image). `resample` is a PIL filter number: 3 = bicubic (the processor's default),
+    2 = bilinear (what SigLIP2 folders tend to set); siglip_preprocess_settings reads it from a folder."""
+    return squash_image(image, size, resample, mean, std)
 
 
 def siglip_preprocess_settings(folder) -> dict:

@@ -7,6 +7,9 @@
     splice: the embeddings of run k of sample b are replaced by image k of sample b
         --> decoder --> logits (B, T, 6400)
 
+minimind-3v (preset "3v") has the same road with other parts: SigLIP (B, N, 3, 256, 256) -> (M, 64, 768),
+an LN+MLP projector -> (M, 64, 768), and runs of 64 `<|image_pad|>` ids (12) instead of 196 '@'.
+
 The image features enter the decoder exactly where the placeholders were, so the decoder "reads"
 196 image tokens the way it reads words. Only the prefill step sees images: once their keys and values
 sit in the KV cache, decoding never runs the vision tower again.
@@ -21,7 +24,13 @@ import torch
 from .config import VLMConfig
 from .lm import LMOutput, MiniMindLM
 from .projector import VisionProjector
+from .siglip import SiglipVisionModel
 from .vision import CLIPVisionModel
+
+
+def build_vision_tower(config: VLMConfig):
+    """A randomly initialised tower of the config's kind: CLIP (MiniMind-V) or SigLIP (minimind-3v)."""
+    return SiglipVisionModel(config.vision) if config.vision_type == "siglip" else CLIPVisionModel(config.vision)
 
 
 def find_image_runs(input_ids: torch.Tensor, placeholder_id: int, run_length: int) -> torch.Tensor:
@@ -53,17 +62,18 @@ def find_image_runs(input_ids: torch.Tensor, placeholder_id: int, run_length: in
 
 
 class MiniMindVLM(MiniMindLM):
-    """MiniMindLM + a CLIP vision tower (frozen unless a recipe trains it) + a projector. Checkpoint keys are MiniMind-V's
-    2025-04 names: `model.*`, `lm_head.weight`, `vision_proj.vision_proj.0.*` (CLIP is stored apart)."""
+    """MiniMindLM + a vision tower (CLIP, or SigLIP for minimind-3v; frozen unless a recipe trains it) + a
+    projector. Checkpoint keys are MiniMind-V's names: `model.*`, `lm_head.weight`, `vision_proj.vision_proj.0.*`
+    (minimind-3v: `vision_proj.mlp.{0,1,3}.*`); the tower is stored apart, in its Hugging Face folder."""
 
-    def __init__(self, config: VLMConfig | None = None, vision_model: CLIPVisionModel | None = None,
+    def __init__(self, config: VLMConfig | None = None, vision_model: CLIPVisionModel | SiglipVisionModel | None = None,
                  placeholder_id: int | None = None):
         config = config or VLMConfig()
         if placeholder_id is not None:  # the tokenizer's '@' id, when it differs from the config's
             config = dataclasses.replace(config, placeholder_id=placeholder_id)
         super().__init__(config.lm)
         self.vlm_config = config
-        self.vision_encoder = vision_model if vision_model is not None else CLIPVisionModel(config.vision)
+        self.vision_encoder = vision_model if vision_model is not None else build_vision_tower(config)
         self.vision_encoder.requires_grad_(False)  # frozen unless a training recipe unfreezes it
         self.vision_proj = VisionProjector(config.projector_type, config.vision.hidden_size, config.lm.hidden_size)
         self.vision_proj.apply(self._init_weights)

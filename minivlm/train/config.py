@@ -27,11 +27,22 @@ RECIPES = {
     ("pretrain", "tiny"): dict(lr=2e-3, batch_size=32, epochs=1, max_length=128, train_lm_layers=-1,
                                warmup_steps=100, train_vision=True, vision_lr=5e-4, data=["synthetic"],
                                max_steps=1200),
+    # minimind-3v (MiniMind-V's 2026 trainer): pretrain 2 epochs of 16 at 4e-4, 450 tokens, projector only;
+    # SFT 2 epochs of 4 at 5e-6, 768 tokens (MiniMind-V unfreezes the first and last block; minivlm all).
+    ("pretrain", "3v"): dict(lr=4e-4, batch_size=16, epochs=2, max_length=450, train_lm_layers=0,
+                             warmup_steps=0, train_vision=False),
+    ("sft", "3v"): dict(lr=5e-6, batch_size=4, epochs=2, max_length=768, train_lm_layers=-1,
+                        warmup_steps=0, train_vision=False),
     ("sft", "tiny"): dict(lr=1e-3, batch_size=32, epochs=1, max_length=160, train_lm_layers=-1,
                           warmup_steps=50, train_vision=True, vision_lr=3e-4, data=["synthetic"],
                           max_steps=3500),
 }
-PRESETS = ("26m", "104m", "26m-moe", "tiny")
+PRESETS = ("26m", "104m", "26m-moe", "tiny", "3v", "3v-moe")
+
+
+def recipe_of(preset: str) -> str:
+    """Which RECIPES row a preset trains with: the offline shapes recipe, minimind-3v's, or MiniMind-V's."""
+    return "tiny" if preset == "tiny" else "3v" if preset.startswith("3v") else "real"
 
 
 @dataclass
@@ -120,14 +131,17 @@ class TrainConfig:
 def add_flags(p: argparse.ArgumentParser, stage: str):
     """The flags of every run; a flag left at None takes the preset's recipe value."""
     a = p.add_argument
-    a("--preset", default="26m", choices=PRESETS, help="model size")
+    a("--preset", default="26m", choices=PRESETS,
+      help="model: 26m/104m/26m-moe (MiniMind-V: CLIP, '@' x 196), 3v/3v-moe (minimind-3v: SigLIP2 --vision "
+           "folder, a 3v tokenizer, <|image_pad|> x 64), tiny (the offline shapes model)")
     a("--data", default=None, nargs="+", metavar="FILE",
       help="MiniMind-V data: .jsonl files (images in --images) and/or .parquet files (pretrain_i2t.parquet, "
            "sft_i2t.parquet: images inside), or 'synthetic' to render shapes scenes on the fly")
     a("--images", default=None, help="image folder of --data (default: the jsonl's folder)")
     a("--tokenizer", default=None, help="tokenizer.json or a folder holding it (default: --out/tokenizer.json)")
-    a("--vision", default=None, help="Hugging Face CLIP folder (e.g. clip-vit-base-patch16); without it the "
-                                     "tower starts random, which only makes sense with --train-vision")
+    a("--vision", default=None, help="Hugging Face tower folder: CLIP (e.g. clip-vit-base-patch16), or SigLIP2 "
+                                     "for --preset 3v; without it the tower starts random, which only makes "
+                                     "sense with --train-vision")
     a("--out", default="out", help="output folder for checkpoints, logs and the resume state")
     if stage == "pretrain":
         a("--from-lm", default=None, help="initialise the decoder from a MiniMind LM .pth (else random)")
@@ -205,7 +219,7 @@ def build_parser(stage: str, add_help: bool = True) -> argparse.ArgumentParser:
 def parse(stage: str, argv=None) -> TrainConfig:
     """The command line -> a checked TrainConfig (argparse errors exit with status 2, as usual)."""
     known, _ = build_parser(stage, add_help=False).parse_known_args(argv)
-    recipe = RECIPES[(stage, "tiny" if known.preset == "tiny" else "real")]
+    recipe = RECIPES[(stage, recipe_of(known.preset))]
     parser = build_parser(stage)
     world = None
     if (known.data or recipe.get("data")) == ["synthetic"]:

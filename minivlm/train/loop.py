@@ -42,9 +42,9 @@ from ..data.dataset import DataError, collate_vlm, data_summary
 from ..data.parquet import open_dataset
 from ..data.processing import ImageLoadError
 from ..data.tokenizer import Tokenizer
-from ..model.checkpoint import check_tokenizer, load_lm_weights, load_vlm, read_meta
+from ..model.checkpoint import check_tokenizer, load_lm_weights, load_vision_tower, load_vlm, read_meta
 from ..model.config import vlm_preset
-from ..model.vision import CLIPVisionModel
+from ..model.siglip import SiglipVisionModel
 from ..model.vlm import MiniMindVLM
 from ..model.weights import WeightsError
 from .config import TrainConfig, parse
@@ -96,7 +96,10 @@ def build_model(cfg: TrainConfig, tokenizer) -> MiniMindVLM:
         vlm_cfg.placeholder_id = tokenizer.placeholder_id
         vlm_cfg.lm.dropout = vlm_cfg.lm.dropout if cfg.dropout is None else cfg.dropout
         vlm_cfg.lm.tie_word_embeddings = not cfg.untied_embeddings
-        vision = CLIPVisionModel.from_pretrained(cfg.vision) if cfg.vision else None
+        vision = load_vision_tower(cfg.vision) if cfg.vision else None
+        if vision is not None and isinstance(vision, SiglipVisionModel) != (vlm_cfg.vision_type == "siglip"):
+            raise UserError(f"--vision {cfg.vision}: a {type(vision).__name__[:-11]} folder, but --preset "
+                            f"{cfg.preset} needs {'SigLIP (minimind-3v)' if vlm_cfg.vision_type == 'siglip' else 'CLIP'}")
         if vision is not None:
             vlm_cfg.vision = vision.config
         elif not cfg.train_vision:
@@ -118,7 +121,7 @@ class FileData:
 
     def __init__(self, cfg: TrainConfig, tokenizer, vlm_cfg):
         parts = [open_dataset(path, tokenizer=tokenizer, max_length=cfg.max_length, run_length=vlm_cfg.run_length,
-                            image_size=vlm_cfg.vision.image_size, skip_bad=cfg.skip_bad,
+                            image_size=vlm_cfg.image_transform, skip_bad=cfg.skip_bad,
                             **({} if str(path).endswith(".parquet") else {"images_dir": cfg.images}))
                  for path in cfg.data]
         self.dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)

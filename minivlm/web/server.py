@@ -41,10 +41,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..common import UserError
 from ..model.checkpoint import load_with_tokenizer
-from ..infer.cli import DEMO_WEIGHTS, SAMPLES_DIR, demo_note
+from ..infer.cli import DEMO_WEIGHTS, SAMPLES_DIR, add_preset_flag, check_preset, demo_note
 from ..infer.generate import SamplingConfig, encode_batch
-from ..data.processing import resize_and_crop, to_rgb
+from ..data.processing import as_transform, resize_and_crop, to_rgb
 from ..data.prompt import IMAGE_MARKER, PromptError, user_turn
 from .validate import (MAX_BODY_BYTES, MAX_NEW_TOKENS, MAX_UPLOAD_BYTES, HTTPError, megabytes, parse_body,
                        parse_sampling, shown, upload_bytes)
@@ -69,9 +70,10 @@ KEPT_IMAGES = 64  # uploaded crops the server remembers (oldest forgotten first)
 # Images
 
 
-def decode_image(data: bytes, size: int, name: str = "the image") -> tuple[Image.Image, tuple[int, int]]:
-    """Bytes of an image file -> (the size x size RGB crop the model receives (resize, centre crop; CLIP's
-    mean/std come later), the original's width and height). The header's pixel count is checked before
+def decode_image(data: bytes, size, name: str = "the image") -> tuple[Image.Image, tuple[int, int]]:
+    """Bytes of an image file -> (the size x size RGB image the model receives (CLIP: resize, centre crop;
+    SigLIP: squashed to a square, when `size` is such an ImageTransform; the mean/std come later), the
+    original's width and height). The header's pixel count is checked before
     decoding (MAX_IMAGE_PIXELS), and Pillow's own decompression-bomb limit is an error too, not a warning.
     Errors name the file by `name`: Pillow would name it by the repr of its BytesIO."""
     try:
@@ -89,8 +91,11 @@ def decode_image(data: bytes, size: int, name: str = "the image") -> tuple[Image
         raise HTTPError(400, f"{name} is not an image file this server can read (PNG, JPEG, GIF, BMP, WebP)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise HTTPError(400, f"{name} is not a readable image ({type(e).__name__}: {e})") from None
-    # preprocess_image(crop) == preprocess_image(original): resizing an image of the target size is a no-op.
-    return resize_and_crop(image, size), image.size
+    # prep(crop) == prep(original): resizing an image of the target size is a no-op.
+    prep = as_transform(size)
+    if not prep.crop:
+        return image.resize((prep.size, prep.size), resample=prep.resample, reducing_gap=None), image.size
+    return resize_and_crop(image, prep.size), image.size
 
 
 def png_data_url(image: Image.Image) -> str:
@@ -114,6 +119,7 @@ class App:
         self.demo = demo  # the shipped demo model: it knows the shapes world only, and the page says so
         self.samples_dir, self.samples = samples_dir, list_samples(samples_dir)
         self.image_size = model.vlm_config.vision.image_size
+        self.prep = model.vlm_config.image_transform  # CLIP's crop or SigLIP's squash
         self.images: OrderedDict[str, Image.Image] = OrderedDict()  # id -> crop
         self.images_lock = threading.Lock()
         self.generating = threading.Lock()  # one generation at a time
@@ -145,7 +151,7 @@ class App:
             data = upload_bytes(req["data"], name)
         else:
             raise HTTPError(400, 'send {"sample": name} or {"data": base64 image file, "name": file name}')
-        crop, size = decode_image(data, self.image_size, name)
+        crop, size = decode_image(data, self.prep, name)
         # About anything but a shapes scene the demo can only speak the language of shapes: not a bug.
         note = demo_note([size]) if self.demo else None
         key = hashlib.sha256(crop.tobytes()).hexdigest()[:16]
@@ -189,7 +195,7 @@ class App:
         if len(images) > MAX_IMAGES:
             raise HTTPError(400, f"{len(images)} images in one conversation; at most MAX_IMAGES = {MAX_IMAGES}")
         cfg = parse_sampling(req.get("sampling"), self.tokenizer.vocab_size)
-        batch = encode_batch(self.model, self.tokenizer, [(images, messages)], self.image_size)
+        batch = encode_batch(self.model, self.tokenizer, [(images, messages)], self.prep)
         n, room = batch["input_ids"].shape[1], self.model.config.max_position_embeddings
         if n >= room:
             raise HTTPError(400, f"the conversation is {n} tokens, the model reads at most {room}: start a new chat")
@@ -379,9 +385,10 @@ def make_server(app: App, host: str = "127.0.0.1", port: int = 8000, verbose: bo
 
 
 def load_app(weights: str = DEMO_WEIGHTS, vision: str | None = None, tokenizer: str | None = None,
-             device: str = "cpu") -> App:
+             device: str = "cpu", preset: str | None = None) -> App:
     """The model (with its question order from the checkpoint JSON) and its tokenizer, as an App."""
     model, tok, question_first = load_with_tokenizer(weights, tokenizer, vision)
+    check_preset(model, preset, weights)
     return App(model.to(device), tok, question_first, name=os.path.basename(weights),
                demo=os.path.abspath(weights) == os.path.abspath(DEMO_WEIGHTS))
 
@@ -390,8 +397,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m minivlm.web", description="A local web page to chat with a VLM "
                                 "about images and watch it look: tokens, probabilities, attention on the patches.")
     p.add_argument("--weights", default=DEMO_WEIGHTS, help="checkpoint (default: the shipped demo model)")
-    p.add_argument("--vision", default=None, help="Hugging Face CLIP folder (default: saved with the checkpoint)")
+    p.add_argument("--vision", default=None, help="Hugging Face CLIP folder, or SigLIP2 for a minimind-3v checkpoint "
+                                                  "(default: saved with the checkpoint)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: beside --weights)")
+    add_preset_flag(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the page to your network")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu", help="cpu, cuda, …")
@@ -401,9 +410,9 @@ def main(argv=None) -> int:
         print(f"error: {args.weights}: weights file not found", file=sys.stderr)
         return 2
     try:
-        app = load_app(args.weights, args.vision, args.tokenizer, args.device)
+        app = load_app(args.weights, args.vision, args.tokenizer, args.device, args.preset)
         server = make_server(app, args.host, args.port, args.verbose)
-    except (OSError, ValueError) as e:  # WeightsError is a ValueError; so is a bad tokenizer
+    except (OSError, ValueError, UserError) as e:  # WeightsError is a ValueError; so is a bad tokenizer
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"minivlm: {app.name} on http://{args.host}:{server.server_address[1]}/  (Ctrl-C stops)")
