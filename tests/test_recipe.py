@@ -29,7 +29,7 @@ def test_the_record_says_how_it_was_made(two_runs):
     out, rec = two_runs[0]
     assert set(rec["seconds"]) == {"data", "tokenizer", "pretrain", "sft", "held-out eval"}
     assert rec["torch"] and rec["seed"] == 0 and rec["heldout_seed"] == 777
-    assert "--threads 1" in rec["sft"] and "--max-steps 6" in rec["sft"]
+    assert "--threads 2" in rec["sft"] and "--max-steps 6" in rec["sft"]
     assert set(rec["scores"]) >= {"colour", "shape", "count", "position", "exists", "describe", "diff"}
 
 

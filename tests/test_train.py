@@ -393,18 +393,39 @@ def test_multi_fraction_sets_the_share_of_two_image_samples(shapes_tokenizer_pat
         parse("sft", ["--preset", "tiny", "--multi-fraction", "1.5"])
 
 
-def test_a_frozen_tower_over_several_epochs_proposes_the_feature_cache(shapes_dir, shapes_tokenizer_path, tmp_path,
-                                                                        capsys):
-    """The speed of the cache should not depend on having read the docs: the run says how to get it."""
+def test_a_frozen_tower_over_several_epochs_runs_once_per_image(shapes_dir, shapes_tokenizer_path, tmp_path, capsys,
+                                                                stop_after, monkeypatch):
+    """The default road gets the cache's speed without reading the docs: OUT/feature_cache/ is built before the
+    first step (fp32, so the weights are those of running the tower), reused on --resume, rebuilt when an
+    image changes, and skipped (with the commands to do it by hand) when the disk is too small."""
+    import hashlib
+    import shutil
     from minivlm.model.vision import CLIPVisionModel
     CLIPVisionModel(vlm_preset("tiny").vision).save_pretrained(tmp_path / "clip")
-    common = ["--vision", str(tmp_path / "clip"), "--no-train-vision", "--max-steps", "1"]
-    assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, tmp_path / "a", "pretrain.jsonl",
-                                      *common, "--epochs", "2")) == 0
+    images = tmp_path / "shapes"
+    shutil.copytree(shapes_dir, images)  # its own copy: one image is touched below
+    common = ["--vision", str(tmp_path / "clip"), "--no-train-vision", "--max-steps", "3", "--epochs", "2",
+              "--save-every", "1"]
+    digest = lambda out: hashlib.sha256(open(out / "pretrain_vlm_128.pth", "rb").read()).hexdigest()
+    args = lambda out, *extra: base_args(images, shapes_tokenizer_path, out, "pretrain.jsonl", *common, *extra)
+    with stop_after(1):
+        main("pretrain", args(tmp_path / "a"))
+    assert "the frozen tower runs once per image" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "a" / "feature_cache" / "manifest.json"))["dtype"] == "fp32"
+    assert main("pretrain", args(tmp_path / "a", "--resume")) == 0
+    assert "feature cache: reusing" in capsys.readouterr().out
+    assert main("pretrain", args(tmp_path / "b", "--feature-cache", "off")) == 0
+    assert "feature cache" not in capsys.readouterr().out
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")  # the same weights, bit for bit
+    first = images / json.loads(open(images / "pretrain.jsonl").readline())["image"]  # an image the run reads
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
+    assert main("pretrain", args(tmp_path / "a")) == 0  # a new run in the same folder
+    assert "changed since the store was built" in capsys.readouterr().out
+    for extra in (["--epochs", "1"], ["--epochs", "2", "--train-vision"]):  # nothing to gain: no cache
+        assert main("pretrain", base_args(images, shapes_tokenizer_path, tmp_path / "c", "pretrain.jsonl",
+                                          "--vision", str(tmp_path / "clip"), "--max-steps", "1", *extra)) == 0
+        assert "feature cache" not in capsys.readouterr().out
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    assert main("pretrain", args(tmp_path / "d")) == 0
     out = capsys.readouterr().out
-    assert "tip: the vision tower is frozen" in out
-    assert f"python -m minivlm.features --data {shapes_dir / 'pretrain.jsonl'} --vision {tmp_path / 'clip'}" in out
-    for extra in (["--epochs", "1"], ["--epochs", "2", "--train-vision"]):  # nothing to gain: no tip
-        assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, tmp_path / "b", "pretrain.jsonl",
-                                          *common, *extra)) == 0
-        assert "tip:" not in capsys.readouterr().out
+    assert "feature cache: skipped" in out and "python -m minivlm.features --data" in out

@@ -35,7 +35,7 @@ RECIPES = {
                         warmup_steps=0, train_vision=False),
     ("sft", "tiny"): dict(lr=1e-3, batch_size=32, epochs=1, max_length=160, train_lm_layers=-1,
                           warmup_steps=50, train_vision=True, vision_lr=3e-4, data=["synthetic"],
-                          max_steps=3500),
+                          max_steps=8000),
 }
 PRESETS = ("26m", "104m", "26m-moe", "tiny", "3v", "3v-moe")
 
@@ -61,6 +61,7 @@ class TrainConfig:
     train_lm_layers: int = 0
     train_vision: bool = False
     features: str | None = None
+    feature_cache: str = "auto"
     group_by_length: bool = False
     lr: float = 4e-4
     vision_lr: float | None = None
@@ -156,6 +157,11 @@ def add_flags(p: argparse.ArgumentParser, stage: str):
       help="train the vision tower too (the tiny recipe does: it has no pretrained CLIP)")
     a("--features", default=None, metavar="DIR",
       help="a store of the frozen tower's output (python -m minivlm.features): images are neither decoded nor encoded")
+    a("--feature-cache", default="auto", choices=["auto", "off"],
+      help="auto: with a frozen CLIP tower (--vision, no --train-vision) and --epochs > 1, compute its output "
+           "once, before the first step, into OUT/feature_cache/ (fp32: the same weights as without it; reused "
+           "while data, images and tower are unchanged; skipped when it would fill half the free disk); "
+           "off: run the tower on every step")
     a("--group-by-length", action=argparse.BooleanOptionalAction, default=False,
       help="batches of samples of similar length (less padding; LLaVA's group_by_modality_length idea)")
 

@@ -28,6 +28,7 @@ import functools
 import gc
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -48,7 +49,7 @@ from ..model.siglip import SiglipVisionModel
 from ..model.vlm import MiniMindVLM
 from ..model.weights import WeightsError
 from .config import TrainConfig, parse
-from .features import use_store
+from .features import FeatureStore, build_store, use_store
 from .optim import lr_factor, make_optimizer, set_lr, set_trainable, trainable_counts
 from .resume import (Paths, Saver, StopRequest, append_log, check_out, checkpoint_name, ignore_signals,
                      prepare_out, restore, save, stop_requested)
@@ -119,22 +120,59 @@ class FileData:
     the frozen tower's feature cache. A data source gives the loop a dataset, a collate function and,
     optionally, an extra loss term; the shapes world is the other source (synthetic/training.py)."""
 
-    def __init__(self, cfg: TrainConfig, tokenizer, vlm_cfg):
+    def __init__(self, cfg: TrainConfig, tokenizer, vlm_cfg, env=None):
         parts = [open_dataset(path, tokenizer=tokenizer, max_length=cfg.max_length, run_length=vlm_cfg.run_length,
                             image_size=vlm_cfg.image_transform, skip_bad=cfg.skip_bad,
                             **({} if str(path).endswith(".parquet") else {"images_dir": cfg.images}))
                  for path in cfg.data]
         self.dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
-        if cfg.features:  # the tower's output cached by `python -m minivlm.features`
-            use_store(cfg, self.dataset, vlm_cfg.vision, cfg.data)
-        elif cfg.vision and not cfg.train_vision and cfg.epochs > 1:
-            print0(feature_cache_tip(cfg))
+        # the tower's output cached by `python -m minivlm.features`, or automatically (auto_cache)
+        store = cfg.features or auto_cache(cfg, self.dataset, vlm_cfg.vision, env)
+        if store:
+            use_store(cfg, self.dataset, vlm_cfg.vision, cfg.data, store)
 
     def collate(self, pad_id: int):
         return functools.partial(collate_vlm, pad_id=pad_id)
 
     def extra_loss(self, model, cfg):
         return None
+
+
+def auto_cache(cfg: TrainConfig, dataset, vision_config, env) -> str | None:
+    """--feature-cache auto (the default): a frozen CLIP tower over several epochs would compute the same
+    features every epoch, so they are computed once, before the first step, into OUT/feature_cache/ in fp32
+    (training stays bit-identical to running the tower). A later run or --resume reuses the store while its
+    data, images and tower are unchanged, else it is rebuilt. Skipped, with the commands to do it by hand,
+    when it would fill more than half the free disk. -> the store's folder, or None."""
+    if cfg.feature_cache != "auto" or not cfg.vision or cfg.train_vision or cfg.epochs < 2:
+        return None
+    if not hasattr(vision_config, "select_feature"):
+        print0("feature cache: not for a SigLIP tower (minimind-3v): the tower runs on every step")
+        return None
+    folder = os.path.join(cfg.out, "feature_cache")
+    os.makedirs(cfg.out, exist_ok=True)
+    rows = vision_config.num_patches + (vision_config.select_feature == "cls_patch")
+    need, free = len(dataset) * rows * vision_config.hidden_size * 4, shutil.disk_usage(cfg.out).free
+    if need > free / 2:  # about one image per sample (MiniMind-V's pretrain data)
+        print0(f"feature cache: skipped: about {need / 2**30:.1f} GiB for {len(dataset)} samples, "
+               f"{free / 2**30:.1f} GiB free\n{feature_cache_tip(cfg)}")
+        return None
+    if env is None or env.rank == 0:
+        try:
+            store = FeatureStore(folder)
+            if store.manifest["dtype"] != "fp32":
+                raise UserError(f"a {store.manifest['dtype']} store")
+            store.check(cfg.vision, vision_config, cfg.data)
+            store.check_images(getattr(dataset, "datasets", [dataset]))
+            print0(f"feature cache: reusing {folder}")
+        except (UserError, WeightsError, OSError) as e:
+            why = "" if not os.path.exists(os.path.join(folder, "manifest.json")) else f" ({one_line(e)})"
+            print0(f"feature cache: the frozen tower runs once per image, into {folder}{why}; "
+                   f"--feature-cache off skips this")
+            build_store(cfg.data, cfg.images, cfg.vision, folder, dtype="fp32", device=env.device if env else "cpu")
+    if env is not None and env.world > 1:
+        dist.barrier()  # the other processes read the store rank 0 has just written
+    return folder
 
 
 def feature_cache_tip(cfg: TrainConfig) -> str:
@@ -149,12 +187,12 @@ def feature_cache_tip(cfg: TrainConfig) -> str:
             f"  ... and add --features {store} to this command")
 
 
-def data_source(cfg: TrainConfig, tokenizer, vlm_cfg):
+def data_source(cfg: TrainConfig, tokenizer, vlm_cfg, env=None):
     if cfg.synthetic:
         # Imported only for its own data: training on files never loads the shapes world.
         from ..synthetic.training import ShapesTraining
         return ShapesTraining(cfg.stage, cfg, tokenizer, vlm_cfg)
-    return FileData(cfg, tokenizer, vlm_cfg)
+    return FileData(cfg, tokenizer, vlm_cfg, env)
 
 
 def question_first(dataset) -> bool:
@@ -323,7 +361,7 @@ def run(cfg: TrainConfig) -> int:
     model = build_model(cfg, tokenizer)
     set_trainable(model, cfg.stage, cfg.train_lm_layers, cfg.train_vision)
     model.to(env.device)
-    source = data_source(cfg, tokenizer, model.vlm_config)
+    source = data_source(cfg, tokenizer, model.vlm_config, env)
     dataset = source.dataset
     sampler, loader, steps_per_epoch, total_steps = build_loader(cfg, dataset, source.collate(tokenizer.pad_id), env)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.vision_lr, fused=env.device.type == "cuda")
