@@ -171,8 +171,12 @@ def preprocess_image(image: Image.Image, size: int = 224, mean=CLIP_MEAN, std=CL
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # (3, size, size)
 
 
-
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+def squash(image: Image.Image, size: int, resample: int = Image.BICUBIC) -> Image.Image:
+    """Resize to size x size, the aspect ratio not kept (SigLIP's geometry; CLIP's is resize_and_crop)."""
+    return image.resize((size, size), resample=resample, reducing_gap=None)
 
 
 def squash_image(image: Image.Image, size: int, resample: int = Image.BICUBIC, mean=SIGLIP_MEAN,
@@ -181,7 +185,7 @@ def squash_image(image: Image.Image, size: int, resample: int = Image.BICUBIC, m
     (the aspect ratio is not kept), scaled by 1/255 as HF does (in float64), normalised -> [3, size, size]."""
     if not isinstance(image, Image.Image):
         raise TypeError(f"squash_image expects a PIL image, got {type(image).__name__}")
-    image = to_rgb(image).resize((size, size), resample=resample, reducing_gap=None)
+    image = squash(to_rgb(image), size, resample)
     x = (np.asarray(image, dtype=np.float64) * (1 / 255)).astype(np.float32)  # (size, size, 3)
     x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # (3, size, size)
@@ -196,6 +200,11 @@ class ImageTransform:
         self.size, self.crop, self.resample = size, crop, resample
         self.mean = tuple(mean or (CLIP_MEAN if crop else SIGLIP_MEAN))
         self.std = tuple(std or (CLIP_STD if crop else SIGLIP_STD))
+
+    def resize(self, image: Image.Image) -> Image.Image:
+        """The size x size RGB image the model sees, before scaling and normalising (what the web page shows)."""
+        image = to_rgb(image)
+        return resize_and_crop(image, self.size) if self.crop else squash(image, self.size, self.resample)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         if self.crop:

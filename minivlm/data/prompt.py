@@ -128,8 +128,8 @@ def split_think(content: str) -> tuple[str, str]:
     return reasoning.strip("\n"), content.split(THINK_CLOSE)[-1].lstrip("\n")
 
 
-def chat_pieces(messages: list[dict], add_generation_prompt: bool = False,
-                template: str = "minimind-v") -> list[tuple[str, bool]]:
+def chat_pieces(messages: list[dict], add_generation_prompt: bool = False, template: str = "minimind-v",
+                expand=lambda text: text) -> list[tuple[str, bool]]:
     """The rendered chat as a list of (text, trained) pieces; ''.join(texts) == render_chat(...).
 
     `trained` is True exactly for each assistant answer, the `<|im_end|>` that closes it and the "\n"
@@ -138,8 +138,9 @@ def chat_pieces(messages: list[dict], add_generation_prompt: bool = False,
     untrained piece because at inference the prompt ends there and the answer starts a new token; the
     trailing "\n" is its own piece too, so the ids equal those of encoding the whole text at once.
     minimind-3v: the think block and the answer are one piece (trained), so their ids are those of the
-    whole text, which is what MiniMind-V's trainer encodes. Contents are used as given: `encode_chat`
-    expands the images first.
+    whole text, which is what MiniMind-V's trainer encodes. `expand` is applied to the text of each message
+    (to the reasoning and the answer apart, so that only the template writes a think block): `encode_chat`
+    passes the image expansion and forging rule; rendering uses the text as given.
     """
     if template not in TEMPLATES:
         raise ValueError(f"unknown chat template {template!r} (choose from {', '.join(TEMPLATES)})")
@@ -148,11 +149,13 @@ def chat_pieces(messages: list[dict], add_generation_prompt: bool = False,
     if not v3 and (not messages or messages[0]["role"] != "system"):
         pieces.append((f"{BOS_TOKEN}system\n{DEFAULT_SYSTEM_PROMPT}{EOS_TOKEN}\n", False))
     for m in messages:
-        role, content = m["role"], m["content"]
+        role = m["role"]
+        if role == "assistant" and v3:
+            reasoning, answer = (expand(t) for t in split_think(m["content"]))
+            content = f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n{answer}"
+        else:
+            content = expand(m["content"])
         if role == "assistant":
-            if v3:
-                reasoning, answer = split_think(content)
-                content = f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n{answer}"
             pieces += [(f"{BOS_TOKEN}assistant\n", False), (content + EOS_TOKEN, True), ("\n", True)]
         else:
             pieces.append((f"{BOS_TOKEN}{role}\n{content}{EOS_TOKEN}\n", False))
@@ -180,15 +183,9 @@ def encode_chat(tokenizer, messages: list[dict], run_length: int,
     """
     template = getattr(tokenizer, "template", "minimind-v")
     added = getattr(tokenizer, "added_tokens", ())
-    def expand(m):
-        if template == "minimind-3v" and m["role"] == "assistant":  # its think block is the template's own
-            reasoning, answer = (expand_images(t, run_length, template, added) for t in split_think(m["content"]))
-            return f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n{answer}"
-        return expand_images(m["content"], run_length, template, added)
-
-    messages = [{"role": m["role"], "content": expand(m)} for m in messages]
+    expand = lambda text: expand_images(text, run_length, template, added)
     input_ids, labels = [], []
-    for text, trained in chat_pieces(messages, add_generation_prompt, template):
+    for text, trained in chat_pieces(messages, add_generation_prompt, template, expand):
         ids = tokenizer.encode(text)
         input_ids += ids
         labels += ids if trained else [IGNORE_INDEX] * len(ids)

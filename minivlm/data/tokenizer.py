@@ -103,8 +103,8 @@ class Tokenizer:
         pid = self.placeholder_id
         ids = self._tok.encode(self.placeholder * run_length, add_special_tokens=False).ids
         if ids != [pid] * run_length:
-            raise ValueError(f"{self.source}: '@' * {run_length} encodes to {len(ids)} ids, expected "
-                             f"{run_length} copies of id {pid}: the vocabulary merges '@'")
+            raise ValueError(f"{self.source}: {self.placeholder!r} * {run_length} encodes to {len(ids)} ids, expected "
+                             f"{run_length} copies of id {pid}: the vocabulary merges {self.placeholder!r}")
 
     def encode(self, text):
         """Text -> ids. Special-token strings map to their ids; no BOS/EOS is added.

@@ -23,7 +23,7 @@ from ..common import positive_int, write_error
 from .dataset import DataError, jsonl_lines, parse_conversations
 from .parquet import decode_image, image_list, iter_rows, repack
 from .processing import ImageLoadError, load_image, save_image
-from .prompt import DEFAULT_SYSTEM_PROMPT, IMAGE_MARKER, chat_prompt, encode_chat
+from .prompt import DEFAULT_SYSTEM_PROMPT, IMAGE_MARKER, TEMPLATES, chat_prompt, encode_chat
 from .tokenizer import PLACEHOLDER, Tokenizer, train_bpe
 
 
@@ -188,7 +188,7 @@ def tokenizer_main(argv=None):
     train.add_argument("--vocab-size", type=int, default=6400,
                        help="target vocabulary size incl. 3 special tokens and 256 bytes (default 6400)")
     train.add_argument("--out", required=True, metavar="DIR", help="folder to write tokenizer.json into")
-    train.add_argument("--template", choices=["minimind-v", "minimind-3v"], default="minimind-v",
+    train.add_argument("--template", choices=TEMPLATES, default="minimind-v",
                        help="the model generation it is for: minimind-v (placeholder '@', 3 special tokens) or "
                             "minimind-3v (36 added tokens, placeholder <|image_pad|>, for --preset 3v)")
     args = parser.parse_args(argv)

@@ -35,7 +35,7 @@ from .config import GENERATION_3V, VISION_CONFIGS, VLMConfig, config_from_file
 from .layouts import check_tying, file_is_tied, infer_lm_config, is_3v, to_2025_04
 from .siglip import SiglipVisionModel
 from .vision import CLIPVisionModel
-from .vlm import MiniMindVLM
+from .vlm import MiniMindVLM, build_vision_tower
 from ..common import atomic_link, atomic_write
 from .lm import rope_tables
 from ..data.tokenizer import Tokenizer
@@ -211,8 +211,7 @@ def _vision_for(weights, vision, saved, dtype, vision_dir, kind="clip"):
         fields = saved["vlm"]["vision"] if saved else {}
         warnings.warn(f"{weights}: no vision tower given (vision=...): it is randomly initialised, "
                       f"image features will be meaningless")
-        tower = SiglipVisionModel if kind == "siglip" else CLIPVisionModel
-        return tower(VISION_CONFIGS[kind](**fields)).to(dtype)
+        return build_vision_tower(kind, VISION_CONFIGS[kind](**fields)).to(dtype)
     got = "siglip" if isinstance(tower, SiglipVisionModel) else "clip"
     if got != kind:
         want = "a SigLIP folder (minimind-3v)" if kind == "siglip" else "a CLIP folder (MiniMind-V)"

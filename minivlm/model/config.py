@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from ..common import is_int
 from ..data.processing import ImageTransform
+from ..data.prompt import TEMPLATES  # the chat templates data/prompt.py renders
 
 
 class ConfigError(ValueError):
@@ -213,7 +214,6 @@ class SiglipVisionConfig:
 
 
 VISION_CONFIGS = {"clip": VisionConfig, "siglip": SiglipVisionConfig}
-CHAT_TEMPLATES = ("minimind-v", "minimind-3v")  # data/prompt.py renders both
 
 
 @dataclass
@@ -230,7 +230,7 @@ class VLMConfig:
 
     def __post_init__(self):
         _choice_field(self, "vision_type", tuple(VISION_CONFIGS))
-        _choice_field(self, "chat_template", CHAT_TEMPLATES)
+        _choice_field(self, "chat_template", TEMPLATES)
         # Accept nested dicts (as read back from JSON); an error inside names the field as lm.<field>.
         for part, kind in (("lm", LMConfig), ("vision", VISION_CONFIGS[self.vision_type])):
             value = getattr(self, part)

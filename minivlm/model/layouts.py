@@ -107,15 +107,14 @@ def infer_lm_config(sd: dict, **overrides) -> LMConfig:
     ffn_key = "model.layers.0.mlp.experts.0.gate_proj.weight" if experts else "model.layers.0.mlp.gate_proj.weight"
     fields = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
                   intermediate_size=sd[ffn_key].shape[0], use_moe=bool(experts))
-    if is_3v(sd):
+    if is_3v(sd):  # what the shapes cannot say is taken from minimind-3v's preset
         moe = lm_3v_moe()
-        fields.update(rms_norm_eps=1e-6, num_key_value_heads=None)
+        fields.update(rms_norm_eps=moe.rms_norm_eps)
         if "model.layers.0.self_attn.q_norm.weight" in sd:
             fields.update(qk_norm=True, num_attention_heads=hidden // sd["model.layers.0.self_attn.q_norm.weight"].shape[0])
         if experts:
             fields.update(num_experts_per_tok=moe.num_experts_per_tok, aux_loss_alpha=moe.aux_loss_alpha,
                           moe_style=moe.moe_style)
-        fields = {k: v for k, v in fields.items() if v is not None}
     if experts:
         fields.update(n_routed_experts=len(experts), n_shared_experts=len(shared))
     fields.update(overrides)

@@ -28,9 +28,9 @@ from .siglip import SiglipVisionModel
 from .vision import CLIPVisionModel
 
 
-def build_vision_tower(config: VLMConfig):
-    """A randomly initialised tower of the config's kind: CLIP (MiniMind-V) or SigLIP (minimind-3v)."""
-    return SiglipVisionModel(config.vision) if config.vision_type == "siglip" else CLIPVisionModel(config.vision)
+def build_vision_tower(vision_type: str, vision_config):
+    """A randomly initialised tower of this kind: "clip" (MiniMind-V) or "siglip" (minimind-3v)."""
+    return SiglipVisionModel(vision_config) if vision_type == "siglip" else CLIPVisionModel(vision_config)
 
 
 def find_image_runs(input_ids: torch.Tensor, placeholder_id: int, run_length: int) -> torch.Tensor:
@@ -73,7 +73,8 @@ class MiniMindVLM(MiniMindLM):
             config = dataclasses.replace(config, placeholder_id=placeholder_id)
         super().__init__(config.lm)
         self.vlm_config = config
-        self.vision_encoder = vision_model if vision_model is not None else build_vision_tower(config)
+        self.vision_encoder = (vision_model if vision_model is not None
+                               else build_vision_tower(config.vision_type, config.vision))
         self.vision_encoder.requires_grad_(False)  # frozen unless a training recipe unfreezes it
         self.vision_proj = VisionProjector(config.projector_type, config.vision.hidden_size, config.lm.hidden_size)
         self.vision_proj.apply(self._init_weights)

@@ -17,7 +17,6 @@ SIMD path may round differently); recipe.json records what was used and every fi
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -31,7 +30,7 @@ from ..common import atomic_copy, atomic_write
 from ..data.tokenizer import Tokenizer
 from ..data.tool import train_tokenizer
 from ..infer.evaluate import evaluate, format_report
-from ..model.checkpoint import load_vlm, read_meta
+from ..model.checkpoint import load_vlm, read_meta, sha256_of
 from ..synthetic.dataset import write_dataset
 from ..train import loop
 from ..train.config import RECIPES
@@ -43,14 +42,6 @@ HELDOUT_SEED = 777
 SHORT = dict(pretrain_steps=6, sft_steps=6, train=40, test=20)  # the CI-sized version: seconds, same code
 MODEL_FILES = ["sft_vlm_128.pth", "sft_vlm_128.json", "sft_vision/model.safetensors",
                "sft_vision/config.json", "tokenizer.json"]
-
-
-def sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def stage(name, times, fn):
@@ -121,7 +112,11 @@ def stages(args) -> dict:
             "heldout_seed": HELDOUT_SEED, "pretrain": "train_pretrain.py " + shlex.join(pretrain),
             "sft": "train_sft.py " + shlex.join(sft), "seconds": times,
             "training_minutes": round(sum(times[k] for k in ("data", "tokenizer", "pretrain", "sft")) / 60, 1),
-            "scores": scores, "sha256": {f: sha256(os.path.join(out, f)) for f in MODEL_FILES}}
+            "scores": scores, "sha256": {f: sha256_of(os.path.join(out, f)) for f in MODEL_FILES}}
+
+
+def write_record(folder, record):
+    atomic_write(os.path.join(folder, "recipe.json"), (json.dumps(record, indent=1, ensure_ascii=False) + "\n").encode())
 
 
 def ship(out, dest, record):
@@ -129,7 +124,7 @@ def ship(out, dest, record):
     os.makedirs(os.path.join(dest, "sft_vision"), exist_ok=True)
     for f in MODEL_FILES:
         atomic_copy(os.path.join(out, f), os.path.join(dest, f))
-    atomic_write(os.path.join(dest, "recipe.json"), (json.dumps(record, indent=1, ensure_ascii=False) + "\n").encode())
+    write_record(dest, record)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,7 +159,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     record = run(args)
-    atomic_write(os.path.join(args.out, "recipe.json"), (json.dumps(record, indent=1, ensure_ascii=False) + "\n").encode())
+    write_record(args.out, record)
     print(f"\nwrote {os.path.join(args.out, 'recipe.json')}: training {record['training_minutes']} min, "
           f"sft_vlm_128.pth sha256 {record['sha256']['sft_vlm_128.pth']}")
     if args.ship:

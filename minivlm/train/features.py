@@ -206,9 +206,9 @@ def attach(store: FeatureStore, dataset):
         part.features = store.for_file(k)
 
 
-def use_store(cfg, dataset, vision_config, data_paths, folder=None):
-    """train --features (or the automatic cache's `folder`): refuse what a cache cannot serve, check the
-    store fits the run, attach it."""
+def use_store(cfg, dataset, vision_config, data_paths, folder=None, dtype=None):
+    """train --features (or the automatic cache's `folder`, which must hold `dtype`): refuse what a cache
+    cannot serve, check the store fits the run, attach it."""
     if cfg.train_vision:
         raise UserError("--features replaces the vision tower by its cached output, so the tower cannot be "
                         "trained: drop --train-vision (or --features)")
@@ -216,6 +216,8 @@ def use_store(cfg, dataset, vision_config, data_paths, folder=None):
         raise UserError("--features: the feature cache serves CLIP towers (MiniMind-V); a SigLIP tower "
                         "(minimind-3v) runs on every step instead: drop --features")
     store = FeatureStore(folder or cfg.features)
+    if dtype is not None and store.manifest["dtype"] != dtype:
+        raise UserError(f"{store.folder}: a {store.manifest['dtype']} store, not {dtype}")
     store.check(cfg.vision, vision_config, data_paths)
     store.check_images(getattr(dataset, "datasets", [dataset]))
     attach(store, dataset)

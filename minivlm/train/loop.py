@@ -49,7 +49,7 @@ from ..model.siglip import SiglipVisionModel
 from ..model.vlm import MiniMindVLM
 from ..model.weights import WeightsError
 from .config import TrainConfig, parse
-from .features import FeatureStore, build_store, use_store
+from .features import build_store, use_store
 from .optim import lr_factor, make_optimizer, set_lr, set_trainable, trainable_counts
 from .resume import (Paths, Saver, StopRequest, append_log, check_out, checkpoint_name, ignore_signals,
                      prepare_out, restore, save, stop_requested)
@@ -127,9 +127,10 @@ class FileData:
                  for path in cfg.data]
         self.dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
         # the tower's output cached by `python -m minivlm.features`, or automatically (auto_cache)
-        store = cfg.features or auto_cache(cfg, self.dataset, vlm_cfg.vision, env)
-        if store:
-            use_store(cfg, self.dataset, vlm_cfg.vision, cfg.data, store)
+        if cfg.features:
+            use_store(cfg, self.dataset, vlm_cfg.vision, cfg.data)
+        else:
+            auto_cache(cfg, self.dataset, vlm_cfg.vision, env)
 
     def collate(self, pad_id: int):
         return functools.partial(collate_vlm, pad_id=pad_id)
@@ -143,12 +144,12 @@ def auto_cache(cfg: TrainConfig, dataset, vision_config, env) -> str | None:
     features every epoch, so they are computed once, before the first step, into OUT/feature_cache/ in fp32
     (training stays bit-identical to running the tower). A later run or --resume reuses the store while its
     data, images and tower are unchanged, else it is rebuilt. Skipped, with the commands to do it by hand,
-    when it would fill more than half the free disk. -> the store's folder, or None."""
+    when it would fill more than half the free disk. The store, checked, is attached to `dataset`."""
     if cfg.feature_cache != "auto" or not cfg.vision or cfg.train_vision or cfg.epochs < 2:
-        return None
+        return
     if not hasattr(vision_config, "select_feature"):
         print0("feature cache: not for a SigLIP tower (minimind-3v): the tower runs on every step")
-        return None
+        return
     folder = os.path.join(cfg.out, "feature_cache")
     os.makedirs(cfg.out, exist_ok=True)
     rows = vision_config.num_patches + (vision_config.select_feature == "cls_patch")
@@ -156,15 +157,13 @@ def auto_cache(cfg: TrainConfig, dataset, vision_config, env) -> str | None:
     if need > free / 2:  # about one image per sample (MiniMind-V's pretrain data)
         print0(f"feature cache: skipped: about {need / 2**30:.1f} GiB for {len(dataset)} samples, "
                f"{free / 2**30:.1f} GiB free\n{feature_cache_tip(cfg)}")
-        return None
+        return
+    reused = False
     if env is None or env.rank == 0:
-        try:
-            store = FeatureStore(folder)
-            if store.manifest["dtype"] != "fp32":
-                raise UserError(f"a {store.manifest['dtype']} store")
-            store.check(cfg.vision, vision_config, cfg.data)
-            store.check_images(getattr(dataset, "datasets", [dataset]))
+        try:  # one check (weights sha256, every image's stamp) decides between reusing and rebuilding
+            use_store(cfg, dataset, vision_config, cfg.data, folder, dtype="fp32")
             print0(f"feature cache: reusing {folder}")
+            reused = True
         except (UserError, WeightsError, OSError) as e:
             why = "" if not os.path.exists(os.path.join(folder, "manifest.json")) else f" ({one_line(e)})"
             print0(f"feature cache: the frozen tower runs once per image, into {folder}{why}; "
@@ -172,7 +171,8 @@ def auto_cache(cfg: TrainConfig, dataset, vision_config, env) -> str | None:
             build_store(cfg.data, cfg.images, cfg.vision, folder, dtype="fp32", device=env.device if env else "cpu")
     if env is not None and env.world > 1:
         dist.barrier()  # the other processes read the store rank 0 has just written
-    return folder
+    if not reused:
+        use_store(cfg, dataset, vision_config, cfg.data, folder, dtype="fp32")
 
 
 def feature_cache_tip(cfg: TrainConfig) -> str:

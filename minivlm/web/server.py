@@ -45,7 +45,7 @@ from ..common import UserError
 from ..model.checkpoint import load_with_tokenizer
 from ..infer.cli import DEMO_WEIGHTS, SAMPLES_DIR, add_preset_flag, check_preset, demo_note
 from ..infer.generate import SamplingConfig, encode_batch
-from ..data.processing import as_transform, resize_and_crop, to_rgb
+from ..data.processing import as_transform, to_rgb
 from ..data.prompt import IMAGE_MARKER, PromptError, user_turn
 from .validate import (MAX_BODY_BYTES, MAX_NEW_TOKENS, MAX_UPLOAD_BYTES, HTTPError, megabytes, parse_body,
                        parse_sampling, shown, upload_bytes)
@@ -92,10 +92,7 @@ def decode_image(data: bytes, size, name: str = "the image") -> tuple[Image.Imag
     except (OSError, SyntaxError, ValueError) as e:
         raise HTTPError(400, f"{name} is not a readable image ({type(e).__name__}: {e})") from None
     # prep(crop) == prep(original): resizing an image of the target size is a no-op.
-    prep = as_transform(size)
-    if not prep.crop:
-        return image.resize((prep.size, prep.size), resample=prep.resample, reducing_gap=None), image.size
-    return resize_and_crop(image, prep.size), image.size
+    return as_transform(size).resize(image), image.size
 
 
 def png_data_url(image: Image.Image) -> str:
