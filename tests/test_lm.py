@@ -217,3 +217,27 @@ def test_vlm_trainable_capable_parameter_count():
     m = MiniMindVLM(cfg)
     n = sum(v.numel() for k, v in m.named_parameters() if not k.startswith("vision_encoder."))
     assert n == 26_223_616
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_loss_without_logits_matches_full_loss_and_gradients(use_moe):
+    """return_logits=False runs the output layer on labelled positions only: same loss, same gradients."""
+    torch.manual_seed(9)
+    m = MiniMindLM(tiny(use_moe=use_moe)).train()
+    ids = torch.randint(0, 97, (3, 10))
+    labels = ids.clone()
+    labels[:, :6] = -100
+    labels[1, 8:] = -100  # rows with different numbers of labels, padding-like holes
+    grads = []
+    for return_logits in (True, False):
+        torch.manual_seed(1)  # the same dropout/routing draws in both passes
+        m.zero_grad()
+        out = m(ids, labels=labels, return_logits=return_logits)
+        out.loss.backward()
+        grads.append((out.loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+        assert (out.logits is None) == (not return_logits)
+    (full, g_full), (sel, g_sel) = grads
+    torch.testing.assert_close(sel, full)
+    assert g_full.keys() == g_sel.keys()
+    for n in g_full:
+        torch.testing.assert_close(g_sel[n], g_full[n], atol=1e-6, rtol=1e-5, msg=n)

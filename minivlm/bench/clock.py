@@ -55,7 +55,7 @@ def optimizer_step(model, ids, pixel_values, labels, optimizer, scaler, device, 
     """One training step as train/loop.py takes it: autocast forward, scaled backward, clip at 1.0 (the
     default --grad-clip), step, zero the gradients."""
     with autocast(device, dtype):
-        loss = model(ids, pixel_values, labels=labels).loss
+        loss = model(ids, pixel_values, labels=labels, return_logits=False).loss
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -118,7 +118,8 @@ def timed_step(model, optimizer, batches, clock: Clock) -> bool:
     if batch is None:
         return False
     loss = model(batch["input_ids"], batch.get("pixel_values"), labels=batch["labels"],
-                 image_counts=batch["image_counts"], image_features=batch.get("image_features")).loss
+                 image_counts=batch["image_counts"], image_features=batch.get("image_features"),
+                 return_logits=False).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()

@@ -139,7 +139,7 @@ class MiniMindVLM(MiniMindLM):
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, past_key_values=None,
                 use_cache=False, image_counts=None, logits_to_keep=0, position_ids=None,
-                output_attentions=False, image_features=None) -> LMOutput:
+                output_attentions=False, image_features=None, return_logits=True) -> LMOutput:
         embeds = self.model.embed_tokens(input_ids)  # (B, T, h)
         prefill = past_key_values is None or past_key_values.length == 0
         if (pixel_values is not None or image_features is not None) and prefill:
@@ -148,11 +148,14 @@ class MiniMindVLM(MiniMindLM):
             find_image_runs(input_ids, self.placeholder_id, self.run_length)  # broken runs still raise
             raise ValueError("the prompt holds image placeholder runs but no pixel_values were given")
         # The compiled decoder serves training and single forwards; decoding with a KV cache stays eager.
-        decoder = self._decoder if self._decoder is not None and past_key_values is None and not use_cache \
-            else super().forward
+        compiled = self._decoder is not None and past_key_values is None and not use_cache
+        decoder = self._decoder if compiled else super().forward
+        # The labelled-positions-only loss selects rows with a boolean mask, a graph break: compiled, it
+        # keeps every position's logits.
+        return_logits = return_logits or compiled
         return decoder(inputs_embeds=embeds, attention_mask=attention_mask, past_key_values=past_key_values,
                        use_cache=use_cache, logits_to_keep=logits_to_keep, position_ids=position_ids,
-                       labels=labels, output_attentions=output_attentions)
+                       labels=labels, output_attentions=output_attentions, return_logits=return_logits)
 
     def lm_state_dict(self) -> dict:
         """The weights a MiniMind-V checkpoint holds: everything but the (separately stored) CLIP tower."""

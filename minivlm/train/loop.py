@@ -271,7 +271,8 @@ def train_step(cfg: TrainConfig, env: Setup, train_model, model, optimizer, scal
         with ctx, autocast(env.device, env.dtype):
             # With --features the batch holds the tower's cached output instead of pixel_values.
             out = train_model(batch["input_ids"], batch.get("pixel_values"), labels=batch["labels"],
-                              image_counts=batch["image_counts"], image_features=batch.get("image_features"))
+                              image_counts=batch["image_counts"], image_features=batch.get("image_features"),
+                              return_logits=False)
             loss = out.loss
             if extra is not None and (term := extra(batch)) is not None:
                 loss = loss + term[0]
