@@ -169,3 +169,17 @@ def test_projector_matmul_params_count_every_projector_weight(kind):
     proj = VisionProjector(kind, cfg.vision.hidden_size, cfg.lm.hidden_size)
     weights = sum(m.weight.numel() for m in proj.modules() if isinstance(m, torch.nn.Linear))
     assert flops.projector_matmul_params(cfg) == weights
+
+
+def test_quick_decode_section_reports_roofline_and_token_check(tmp_path):
+    out = tmp_path / "decode.json"
+    assert bench.main(["decode", "--quick", "--device", "cpu", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())["decode"]
+    rows = {(row["dtype"], row["batch"]): row for row in r["rows"]}
+    assert set(rows) == {("fp32", 1), ("fp32", 2), ("bf16", 1), ("bf16", 2)}
+    for row in rows.values():
+        assert row["preset"] == "tiny" and row["ms_per_step"] > 0
+        assert row["pct_of_roofline"] == pytest.approx(100 * row["roofline_ms"] / row["ms_per_step"])
+    assert rows[("fp32", 1)]["same_tokens_as_fp32"] and rows[("fp32", 2)]["same_tokens_as_fp32"]
+    # bf16 weights hold half the bytes: half the floor
+    assert rows[("bf16", 1)]["roofline_ms"] == pytest.approx(rows[("fp32", 1)]["roofline_ms"] / 2, rel=0.01)

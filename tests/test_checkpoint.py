@@ -193,7 +193,8 @@ def test_reading_a_subset_equals_reading_all_then_selecting():
 
 @pytest.fixture
 def init_calls(monkeypatch):
-    """Records every nn.init call that touches real memory (a meta tensor costs nothing)."""
+    """Records every nn.init call that touches real memory (a meta tensor costs nothing); shapes_only
+    switches these off while a loader builds its modules."""
     calls = []
     for name in ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_"):
         original = getattr(torch.nn.init, name)
@@ -228,3 +229,25 @@ def test_load_vlm_in_bf16_without_random_init(tmp_path, init_calls):
     assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
     ids, px = torch.tensor([[1, 34, 34, 34, 34, 5, 6]]), torch.randn(1, 1, 3, 32, 32)
     torch.testing.assert_close(loaded(ids, px.bfloat16()).logits.float(), m(ids, px).logits, atol=0.05, rtol=0.05)
+
+
+def test_loading_writes_no_random_init_and_imports_no_meta_kernels(tmp_path):
+    """A fresh process loads a checkpoint + tower and answers: the Python meta kernels (sympy, ~75 MB of
+    RSS) stay unimported, and bench.memory's child reports the RSS growth of the load and the first answer."""
+    import json
+    import subprocess
+    import sys
+    torch.manual_seed(0)
+    m = MiniMindVLM(cfg(), placeholder_id=34).eval()
+    m.vision_encoder.save_pretrained(tmp_path / "clip")
+    save_vlm(m, tmp_path / "vlm.pth", dtype=torch.float32)
+    code = ("import sys; from minivlm.model.checkpoint import load_vlm; "
+            f"load_vlm({str(tmp_path / 'vlm.pth')!r}, vision={str(tmp_path / 'clip')!r}); print('sympy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    out = subprocess.run([sys.executable, "-m", "minivlm.bench.memory", "--weights", str(tmp_path / "vlm.pth"),
+                          "--vision", str(tmp_path / "clip")], capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    from minivlm.bench.memory import kept_bytes
+    assert r["weights_mb"] == pytest.approx(kept_bytes(load_vlm(tmp_path / "vlm.pth", vision=tmp_path / "clip")) / 2**20)
+    assert 0 <= r["load_growth_mb"] <= r["answer_growth_mb"]

@@ -141,7 +141,7 @@ def bench_stage(stage, s, model, path, tok, device) -> dict:
     lengths = [len(encode_chat(tok, make().record(i)[0], cfg.run_length)[0]) for i in range(s["n"])]
     # minivlm: the automatic fp32 feature cache (built once, timed apart), shuffled batches, dynamic padding
     c0 = time.process_time()
-    build_store([path], None, os.path.join(folder, "clip"), os.path.join(folder, f"feats_{stage}"), "fp32", 32)
+    build_store([path], None, os.path.join(folder, "clip"), os.path.join(folder, f"feats_{stage}"), "fp32")
     cache_cpu = time.process_time() - c0
     cached = []
     for _ in range(2):

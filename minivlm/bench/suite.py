@@ -1,7 +1,7 @@
 """Benchmarks: how fast does minivlm train, generate and load data, and why.
 
-    python -m minivlm.bench {train,generate,data,epoch,all} [--preset 26m] [--device cpu|cuda] [--dtype fp32|bf16|fp16]
-                            [--batch 4] [--seq-len 640] [--steps N] [--warmup N] [--json OUT] [--quick]
+    python -m minivlm.bench {train,generate,decode,data,epoch,all} [--preset 26m] [--device cpu|cuda]
+                            [--dtype fp32|bf16|fp16] [--batch 4] [--seq-len 640] [--steps N] [--warmup N] [--json OUT] [--quick]
     python -m minivlm.bench gpu [--out FILE.md] [--json FILE] [--peak-tflops T] [--dry-run] ...  (its own flags: gpu.py)
 
 Everything runs on random weights and synthetic inputs of the real shapes (the preset's decoder and
@@ -13,6 +13,8 @@ says what each number means):
             the splice op and the vision tower forward alone. TFLOP/s and MFU from the counts of flops.py.
   generate  greedy decoding from a 196 + 32 token prompt, batch 1 and 8: prefill time, decode tokens/s,
             ms/token as the KV cache grows; inference memory.
+  decode    ms per decode step against the memory roofline, tiny and 26m, fp32 and bf16 weights, batch 1
+            and 8, with a check that the greedy tokens equal fp32's.
   data      JPEGs + a MiniMind-V jsonl -> VLMDataset -> DataLoader(collate_vlm): samples/s.
   epoch     a whole epoch, data to step, minivlm vs a MiniMind-V-style pipeline (bench_epoch.py; not in `all`).
   gpu       the GPU run ready to go (gpu.py; not in `all`): 26m + ViT-B/16 training samples/s and MFU,
@@ -215,6 +217,42 @@ def bench_generate(args, device) -> dict:
     return out
 
 
+def bench_decode(args, device) -> dict:
+    """Decode speed against the memory roofline: a greedy step reads every decoder weight once, so its floor
+    is weight bytes / copy bandwidth, whatever the batch. tiny and 26m (tiny only with --quick), weights in
+    fp32 and bf16, batch 1 and 8; each row says whether its greedy tokens equal fp32's."""
+    bw = bench_memory.memory_bandwidth_gbs(device, 64 if args.quick else 256)
+    n_new, out = (8 if args.quick else 64), {"bandwidth_gb_s": bw, "rows": []}
+    print0(f"decode: greedy, {n_new} new tokens after {args.prompt_text} text tokens + one image; "
+           f"copy bandwidth {bw:.1f} GB/s")
+    for preset in (["tiny"] if args.quick else ["tiny", "26m"]):
+        model = build_model(preset, device).eval()
+        fp32_tokens = {}
+        for dtype in ("fp32", "bf16"):
+            model.to(DTYPES[dtype])
+            weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                               if not n.startswith("vision_encoder."))
+            for B in args.gen_batches:
+                ids, _, pixel_values = synthetic_batch(model, B, model.run_length + args.prompt_text, device)
+                pixel_values = pixel_values.to(DTYPES[dtype])
+                _timed_generate(model, ids, pixel_values, 2, device)  # warm-up
+                stamps, end = _timed_generate(model, ids, pixel_values, n_new, device)
+                step_ms = float(np.median(np.diff(stamps + [end])[1:])) * 1e3
+                tokens = generate(model, ids, pixel_values, cfg=SamplingConfig(max_new_tokens=n_new), eos_id=None)
+                fp32_tokens.setdefault(B, tokens)
+                best_ms = weight_bytes / (bw * 1e9) * 1e3
+                row = {"preset": preset, "dtype": dtype, "batch": B, "ms_per_step": step_ms,
+                       "tokens_per_s": B / step_ms * 1e3, "roofline_ms": best_ms,
+                       "pct_of_roofline": 100 * best_ms / step_ms,
+                       "same_tokens_as_fp32": bool(torch.equal(tokens, fp32_tokens[B]))}
+                out["rows"].append(row)
+                print0(f"  {preset:<5} {dtype} batch {B:<2} {step_ms:7.2f} ms/step ({row['tokens_per_s']:7.1f} tok/s), "
+                       f"roofline {best_ms:5.2f} ms -> {row['pct_of_roofline']:3.0f}%; greedy tokens as fp32: "
+                       f"{'yes' if row['same_tokens_as_fp32'] else 'no'}")
+        del model
+    return out
+
+
 def bench_inference_memory(args, device) -> dict:
     """Memory to answer one prompt (196 + 32 tokens) with 64 new tokens, model in bf16.
 
@@ -293,8 +331,9 @@ def bench_data(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minivlm.bench", description=__doc__.split("\n")[0])
     a = p.add_argument
-    a("section", choices=["train", "generate", "data", "epoch", "all", "gpu"],
-      help="what to measure (all = data, generate, train; epoch: bench_epoch.py; "
+    a("section", choices=["train", "generate", "decode", "data", "epoch", "all", "gpu"],
+      help="what to measure (all = data, generate, train; decode: ms/token against the memory roofline; "
+           "epoch: bench_epoch.py; "
            "gpu: the GPU run, with flags of its own: `python -m minivlm.bench gpu --help`)")
     a("--preset", default=None, choices=["26m", "tiny", "104m", "26m-moe"],
       help="model size (default 26m; tiny with --quick)")
@@ -371,7 +410,8 @@ def run(args, argv) -> dict:
            f"{torch.get_num_threads()} threads" + (f", load average {load:.1f}" if load is not None else ""))
     sections = ["data", "generate", "train"] if args.section == "all" else [args.section]
     for section in sections:  # smallest memory first: on CPU the peak RSS only ever grows
-        fn = {"train": bench_train, "generate": bench_generate, "data": lambda a, d: bench_data(a),
+        fn = {"train": bench_train, "generate": bench_generate, "decode": bench_decode,
+              "data": lambda a, d: bench_data(a),
               "epoch": bench_epoch.bench_epoch}[section]
         results[section] = fn(args, device)
         if device.type == "cuda":

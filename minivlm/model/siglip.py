@@ -30,7 +30,7 @@ from ..common import atomic_write
 from ..data.processing import SIGLIP_MEAN, SIGLIP_STD, squash_image
 from .config import SiglipVisionConfig, config_from_file
 from .vision import CLIPAttention
-from .weights import WeightsError, load_checked, load_state_dict, read_json, write_safetensors
+from .weights import WeightsError, shapes_only, load_checked, load_state_dict, read_json, write_safetensors
 
 
 # "Sigmoid Loss for Language Image Pre-Training", Zhai et al. 2023 (SigLIP2: Tschannen et al. 2025)
@@ -124,11 +124,11 @@ class SiglipVisionModel(nn.Module):
     @classmethod
     def from_pretrained(cls, folder, dtype: torch.dtype | None = None) -> "SiglipVisionModel":
         """Load the tower of a Hugging Face SigLIP / SigLIP2 folder (a full SiglipModel or a vision-only
-        SiglipVisionModel), its weights in `dtype` (default float32). Built on the meta device and filled
+        SiglipVisionModel), its weights in `dtype` (default float32). Built without initialisation and filled
         with the file's tensors (as CLIPVisionModel.from_pretrained). Skipped on purpose: the text tower,
         logit_scale / logit_bias and the pooling head `vision_model.head.*`; every other key must fit."""
         config = read_siglip_config(folder)
-        with torch.device("meta"):
+        with shapes_only():
             model = cls(config)
         sd = load_state_dict(siglip_weights_file(folder), keys=_is_tower_key, dtype=dtype or torch.float32)
         if "embeddings.patch_embedding.weight" in sd:  # vision-only saves of transformers 5 drop the prefix

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .config import VisionConfig, config_from_file
 from ..common import atomic_write
-from .weights import WeightsError, load_checked, load_state_dict, read_json, write_safetensors
+from .weights import WeightsError, shapes_only, load_checked, load_state_dict, read_json, write_safetensors
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -35,7 +35,8 @@ class CLIPVisionEmbeddings(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         d = config.hidden_size
-        self.class_embedding = nn.Parameter(torch.randn(d) * 0.02)
+        self.class_embedding = nn.Parameter(torch.empty(d))
+        nn.init.normal_(self.class_embedding, std=0.02)
         self.patch_embedding = nn.Conv2d(config.num_channels, d, kernel_size=config.patch_size,
                                          stride=config.patch_size, bias=False)
         self.position_embedding = nn.Embedding(config.num_patches + 1, d)
@@ -187,13 +188,13 @@ class CLIPVisionModel(nn.Module):
     def from_pretrained(cls, folder, dtype: torch.dtype | None = None, **overrides) -> "CLIPVisionModel":
         """Load the tower of a Hugging Face CLIP folder, its weights in `dtype` (default float32).
 
-        Memory: the module is built on the meta device (shapes only: no random initialisation, which
-        would be overwritten anyway), only the vision tensors are read from the file, each converted
+        Memory: the module is built without its random initialisation (`shapes_only`: it would be
+        overwritten anyway), only the vision tensors are read from the file, each converted
         to `dtype` as it is read, and they become the parameters themselves (assign=True): the peak
         is the tower's own size plus one tensor.
         """
         config = read_clip_config(folder, **overrides)
-        with torch.device("meta"):
+        with shapes_only():
             model = cls(config)
         # A full CLIPModel also holds the text tower and projections: never read, not ours to load.
         sd = read_clip_weights(folder, keys=lambda k: not k.startswith(_NOT_VISION), dtype=dtype or torch.float32)

@@ -26,7 +26,7 @@ RECIPES = {
                           warmup_steps=0, train_vision=False),
     ("pretrain", "tiny"): dict(lr=2e-3, batch_size=32, epochs=1, max_length=128, train_lm_layers=-1,
                                warmup_steps=100, train_vision=True, vision_lr=5e-4, data=["synthetic"],
-                               max_steps=1000),
+                               max_steps=1200),
     # minimind-3v (MiniMind-V's 2026 trainer): pretrain 2 epochs of 16 at 4e-4, 450 tokens, projector only;
     # SFT 2 epochs of 4 at 5e-6, 768 tokens (MiniMind-V unfreezes the first and last block; minivlm all).
     ("pretrain", "3v"): dict(lr=4e-4, batch_size=16, epochs=2, max_length=450, train_lm_layers=0,
