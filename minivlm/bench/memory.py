@@ -130,11 +130,16 @@ def memory_bandwidth_gbs(device, mb: int = 256, reps: int = 5) -> float:
     return 2 * a.numel() * 4 / statistics.median(times) / 1e9
 
 
+def decoder_weight_bytes(model) -> int:
+    """What one decode step reads: every weight but the vision tower's (not read after the prefill)."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+               if not n.startswith("vision_encoder."))  # named_parameters counts the tied matrix once
+
+
 def roofline(model, decode_tokens_per_s: float, device, quick: bool = False) -> dict:
     """Best possible batch-1 decode time = decoder weight bytes / memory bandwidth (the vision tower is
     not read after the prefill; the KV cache of a few hundred tokens is small beside the weights)."""
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                       if not n.startswith("vision_encoder."))  # named_parameters counts the tied matrix once
+    weight_bytes = decoder_weight_bytes(model)
     bw = memory_bandwidth_gbs(device, 64 if quick else 256)
     best_ms, measured_ms = weight_bytes / (bw * 1e9) * 1e3, 1e3 / decode_tokens_per_s
     print(f"  roofline, batch 1: {weight_bytes / 2**20:.0f} MB of decoder weights / {bw:.1f} GB/s measured copy "

@@ -1,7 +1,8 @@
 """Benchmarks: how fast does minivlm train, generate and load data, and why.
 
     python -m minivlm.bench {train,generate,decode,data,epoch,all} [--preset 26m] [--device cpu|cuda]
-                            [--dtype fp32|bf16|fp16] [--batch 4] [--seq-len 640] [--steps N] [--warmup N] [--json OUT] [--quick]
+                            [--dtype fp32|bf16|fp16] [--batch 4] [--seq-len 640] [--steps N] [--warmup N]
+                            [--json OUT] [--quick]
     python -m minivlm.bench gpu [--out FILE.md] [--json FILE] [--peak-tflops T] [--dry-run] ...  (its own flags: gpu.py)
 
 Everything runs on random weights and synthetic inputs of the real shapes (the preset's decoder and
@@ -230,8 +231,7 @@ def bench_decode(args, device) -> dict:
         fp32_tokens = {}
         for dtype in ("fp32", "bf16"):
             model.to(DTYPES[dtype])
-            weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                               if not n.startswith("vision_encoder."))
+            weight_bytes = bench_memory.decoder_weight_bytes(model)
             for B in args.gen_batches:
                 ids, _, pixel_values = synthetic_batch(model, B, model.run_length + args.prompt_text, device)
                 pixel_values = pixel_values.to(DTYPES[dtype])
