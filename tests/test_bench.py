@@ -156,6 +156,8 @@ def test_quick_epoch_section_reports_both_systems(tmp_path):
         # the baseline pads every sample to max_length: never less padding than dynamic padding
         assert s["baseline"]["padding_fraction"] >= s["minivlm"]["padding_fraction"]
         assert s["minivlm"]["samples"] == s["baseline"]["samples"]
+        # the default road groups by length: never more padding than plainly shuffled batches
+        assert s["minivlm"]["padding_fraction"] <= s["minivlm_ungrouped"]["padding_fraction"]
         assert _positive(s["ratio_per_epoch"]) and s["tokens"]["min"] <= s["tokens"]["median"] <= s["tokens"]["max"]
 
 

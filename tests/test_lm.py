@@ -219,20 +219,33 @@ def test_vlm_trainable_capable_parameter_count():
     assert n == 26_223_616
 
 
-@pytest.mark.parametrize("use_moe", [False, True])
-def test_loss_without_logits_matches_full_loss_and_gradients(use_moe):
-    """return_logits=False runs the output layer on labelled positions only: same loss, same gradients."""
+@pytest.mark.parametrize("use_moe,padded,qk_norm", [(False, False, False), (True, False, False),
+                                                    (False, True, False), (False, True, True)])
+def test_loss_without_logits_matches_full_loss_and_gradients(use_moe, padded, qk_norm):
+    """return_logits=False runs the output layer on labelled positions only, and (dense) the last block's
+    queries and MLP there only: same loss, same gradients, padding and samples without labels included."""
     torch.manual_seed(9)
-    m = MiniMindLM(tiny(use_moe=use_moe)).train()
+    m = MiniMindLM(tiny(use_moe=use_moe, num_hidden_layers=3, qk_norm=qk_norm)).train()
     ids = torch.randint(0, 97, (3, 10))
     labels = ids.clone()
     labels[:, :6] = -100
     labels[1, 8:] = -100  # rows with different numbers of labels, padding-like holes
+    mask = None
+    if padded:
+        mask = torch.ones(3, 10, dtype=torch.long)
+        mask[2, 7:] = 0  # right padding
+        labels[2, 7:] = -100
+        labels[0] = -100  # a sample with nothing to learn
     grads = []
     for return_logits in (True, False):
         torch.manual_seed(1)  # the same dropout/routing draws in both passes
         m.zero_grad()
-        out = m(ids, labels=labels, return_logits=return_logits)
+        seen = []
+        hook = m.model.layers[-1].mlp.register_forward_hook(lambda mod, args, y: seen.append(args[0].shape[1]))
+        out = m(ids, attention_mask=mask, labels=labels, return_logits=return_logits)
+        hook.remove()
+        # the last block's MLP ran at every position, or (dense, loss only) at the most labels in one row
+        assert seen == [10 if return_logits or use_moe else 2 if padded else 4]
         out.loss.backward()
         grads.append((out.loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
         assert (out.logits is None) == (not return_logits)

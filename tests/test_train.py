@@ -271,6 +271,30 @@ def test_length_grouping_is_a_deterministic_permutation_that_cuts_padding():
     assert torch.equal(length_grouped(torch.arange(10), torch.ones(10), 4, 0).sort().values, torch.arange(10))
 
 
+def test_length_grouping_reads_each_parquet_row_group_once():
+    # parquet keeps one row group cached: a batch must not reach back into a group already left behind
+    sizes = np.array([300, 120, 5, 260, 0, 3, 200])  # small and empty groups too
+    n = int(sizes.sum())
+    lengths = torch.randint(50, 1500, (n,), generator=torch.Generator().manual_seed(1))
+    s = EpochSampler(n, seed=2, group_sizes=sizes, lengths=lengths, batch_size=8)
+    order = s.indices()
+    assert sorted(order) == list(range(n))
+    group = np.searchsorted(np.cumsum(sizes), order, side="right")
+    assert np.count_nonzero(np.diff(group)) == np.count_nonzero(sizes) - 1  # each group one contiguous run
+
+    def padding(idx):
+        return sum(int(lengths[b].max() * len(b) - lengths[b].sum()) for b in torch.as_tensor(idx).split(8))
+
+    assert padding(order) < 0.2 * padding(EpochSampler(n, seed=2, group_sizes=sizes).indices())
+
+
+def test_length_grouping_is_on_by_default_for_data_files_only(tmp_path):
+    from minivlm.train.config import parse
+    assert parse("pretrain", ["--data", "a.jsonl", "--out", str(tmp_path)]).group_by_length is True
+    assert parse("pretrain", ["--data", "a.jsonl", "--no-group-by-length"]).group_by_length is False
+    assert parse("pretrain", ["--preset", "tiny"]).group_by_length is False  # the shapes world: no lengths
+
+
 def test_resume_with_length_grouping_is_bit_identical(stop_after, shapes_dir,
                                                       shapes_tokenizer_path, tmp_path, capsys):
     common = ["--max-steps", "12", "--save-every", "5", "--epochs", "2", "--lr", "2e-3", "--batch-size", "6",
@@ -280,13 +304,28 @@ def test_resume_with_length_grouping_is_bit_identical(stop_after, shapes_dir,
     with stop_after(7):
         assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, b, "sft.jsonl", *common)) == 0
     capsys.readouterr()
-    assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, b, "sft.jsonl",
-                                      *common[:-1], "--resume")) == 2  # grouping switched off: refused
+    assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, b, "sft.jsonl", *common[:-1],
+                                      "--no-group-by-length", "--resume")) == 2  # grouping switched off: refused
     assert "--group-by-length True -> False" in capsys.readouterr().out
     assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, b, "sft.jsonl", *common, "--resume")) == 0
     sa = torch.load(a / "resume_pretrain.pt", weights_only=True)["model"]
     sb = torch.load(b / "resume_pretrain.pt", weights_only=True)["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_labelled_last_block_trains_the_same_up_to_rounding(shapes_dir, shapes_tokenizer_path, tmp_path):
+    # on by default for real presets; the tiny recipe keeps it off (its shipped model predates it)
+    from minivlm.train.config import parse
+    assert parse("pretrain", ["--data", "a.jsonl"]).labelled_last_block is True
+    assert parse("sft", ["--preset", "tiny"]).labelled_last_block is False
+    losses = {}
+    for flag in ("--labelled-last-block", "--no-labelled-last-block"):
+        out = tmp_path / flag.strip("-")
+        assert main("pretrain", base_args(shapes_dir, shapes_tokenizer_path, out, "sft.jsonl", "--max-steps", "4",
+                                          "--lr", "2e-3", flag)) == 0
+        losses[flag] = [float(r["loss"]) for r in read_csv(out / "log_pretrain.csv")]
+    on, off = losses.values()
+    assert len(on) == 4 and np.allclose(on, off, rtol=1e-4, atol=0), losses
 
 
 def test_compiled_decoder_matches_eager_without_graph_breaks():

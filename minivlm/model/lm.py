@@ -88,6 +88,13 @@ class KVCache:
         self.length += n
 
 
+def take(x, rows):
+    """x (B, ..., T, d) -> (B, ..., N, d): the positions rows (B, N) of each sample (x may broadcast over B)."""
+    x = x.expand(rows.shape[0], *x.shape[1:])
+    index = rows.view(rows.shape[0], *[1] * (x.dim() - 3), rows.shape[1], 1)
+    return x.gather(-2, index.expand(*x.shape[:-2], rows.shape[1], x.shape[-1]))
+
+
 def repeat_kv(x, n_rep: int):
     """(B, n_kv, T, hd) -> (B, n_kv * n_rep, T, hd): each key/value head serves n_rep query heads."""
     if n_rep == 1:
@@ -116,16 +123,20 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, output_attentions=False):
-        """mask: None = plain causal, else bool (B or 1, 1, T, T_past + T), True = may attend."""
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, output_attentions=False, rows=None):
+        """mask: None = plain causal, else bool (B or 1, 1, T, T_past + T), True = may attend.
+        rows (B, N): only these positions ask (keys and values still come from all T); mask is then
+        (B, 1, N, T) and the output (B, N, h). Training uses it where only a few outputs are read."""
         B, T, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        xq, cos_q, sin_q = (x, cos, sin) if rows is None else (take(x, rows), take(cos, rows), take(sin, rows))
+        Tq = xq.shape[1]
+        q, k, v = self.q_proj(xq), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, Tq, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, Tq, hd)
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)  # over head_dim, before RoPE
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos_q, sin_q), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, KV, T_past + T, hd)
         p = self.dropout if self.training else 0.0
@@ -139,7 +150,7 @@ class Attention(nn.Module):
         weights = None
         if self.attn_impl == "eager" or output_attentions:
             # softmax(q k^T / sqrt(hd)) v, by hand: slower, but the weights can be returned.
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, T_k)
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, Tq, T_k)
             if mask is None:
                 mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
             scores = scores.masked_fill(~mask, float("-inf"))
@@ -147,7 +158,7 @@ class Attention(nn.Module):
             y = F.dropout(weights, p) @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None)
-        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H * hd)
+        y = y.transpose(1, 2).reshape(B, Tq, -1)  # (B, Tq, H * hd)
         return self.o_proj(y), weights
 
 
@@ -235,9 +246,9 @@ class MiniMindBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoEFeedForward(config) if config.use_moe else FeedForward(config)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, output_attentions=False):
-        h, weights = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, output_attentions)
-        x = x + h
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, output_attentions=False, rows=None):
+        h, weights = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, output_attentions, rows)
+        x = (x if rows is None else take(x, rows)) + h  # (B, T or N, h)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, weights
 
@@ -272,13 +283,23 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
-def labelled_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
-    """causal_lm_loss computed from the final hidden states, running the output layer only where a label
-    waits. In VLM training most positions (image runs, prompts, padding) carry -100, and the (h x vocab)
-    output layer is the largest matmul of a small decoder: the tiny SFT step runs 2x faster."""
-    y = labels[:, 1:]
-    keep = y != -100  # (B, T-1)
-    return F.cross_entropy(lm_head(hidden[:, :-1][keep]).float(), y[keep])  # (N, vocab) for N labels
+def labelled_rows(labels: torch.Tensor):
+    """The positions whose output the loss reads (those followed by a label), per sample, in order:
+    rows (B, N), padded with position 0, and valid (B, N); N = the most labels in one sample."""
+    wanted = labels[:, 1:] != -100  # (B, T-1)
+    counts = wanted.sum(dim=1)  # (B,)
+    n = int(counts.max())
+    rows = torch.argsort((~wanted).to(torch.int8), dim=1, stable=True)[:, :n]  # labelled positions first
+    valid = torch.arange(n, device=labels.device)[None] < counts[:, None]
+    return rows.masked_fill(~valid, 0), valid
+
+
+def rows_mask(rows: torch.Tensor, attention_mask, T: int) -> torch.Tensor:
+    """The causal (and key padding) mask of queries at rows (B, N) over T keys: (B, 1, N, T)."""
+    mask = torch.arange(T, device=rows.device)[None, None, :] <= rows[:, :, None]  # (B, N, T)
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, :]
+    return (mask | ~mask.any(dim=-1, keepdim=True))[:, None]  # no row with nothing to attend to
 
 
 def build_attention_mask(attention_mask, past_len: int, T: int, device):
@@ -325,10 +346,11 @@ class MiniMindLM(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=False,
                 inputs_embeds=None, logits_to_keep=0, position_ids=None, labels=None,
-                output_attentions=False, return_logits=True) -> LMOutput:
+                output_attentions=False, return_logits=True, labelled_last_block=True) -> LMOutput:
         """input_ids (B, T) or inputs_embeds (B, T, h). attention_mask (B, T_past + T): 1 = real token.
         logits_to_keep=n computes logits for the last n positions only (0 = all). With labels,
-        return_logits=False skips the logits of unlabelled positions (training: logits is then None)."""
+        return_logits=False skips the logits of unlabelled positions (training: logits is then None), and
+        with labelled_last_block also the last block's work there (same loss, other float rounding)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, h)
@@ -348,10 +370,21 @@ class MiniMindLM(nn.Module):
         sin = self.model.freqs_sin[position_ids].to(x.dtype)[:, None]
         mask = build_attention_mask(attention_mask, past_len, T, x.device)
 
+        # Training for the loss alone: the last block's output is read only where a label waits (in VLM
+        # training a small share: the image runs, prompts and padding carry none), so that block makes its
+        # queries, attention output and MLP there only; its keys and values still cover every position.
+        # Not with MoE: the router's auxiliary loss is defined over all positions.
+        rows = valid = None
+        if labels is not None and not return_logits and labelled_last_block and not output_attentions \
+                and cache is None and not self.config.use_moe and (labels[:, 1:] != -100).any():
+            rows, valid = labelled_rows(labels)
         x = self.model.dropout(x)
         attentions = []
         for i, layer in enumerate(self.model.layers):
-            x, w = layer(x, cos, sin, mask, cache, i, output_attentions)
+            if rows is not None and i == len(self.model.layers) - 1:
+                x, w = layer(x, cos, sin, rows_mask(rows, attention_mask, T), None, i, False, rows)  # (B, N, h)
+            else:
+                x, w = layer(x, cos, sin, mask, cache, i, output_attentions)
             attentions.append(w)
         if cache is not None:
             cache.advance(T)
@@ -360,7 +393,11 @@ class MiniMindLM(nn.Module):
         if self.config.use_moe:
             aux_loss = sum(layer.mlp.aux_loss for layer in self.model.layers)
         if labels is not None and not return_logits:
-            return LMOutput(logits=None, aux_loss=aux_loss, loss=labelled_lm_loss(x, labels, self.lm_head) + aux_loss,
+            if rows is None:  # every position went through every block: keep those followed by a label
+                rows, valid = labelled_rows(labels)
+                x = take(x, rows)
+            loss = F.cross_entropy(self.lm_head(x[valid]).float(), labels.gather(1, rows + 1)[valid])  # N labels
+            return LMOutput(logits=None, aux_loss=aux_loss, loss=loss + aux_loss,
                             attentions=tuple(attentions) if output_attentions else None)
         logits = self.lm_head(x[:, -logits_to_keep:])  # (B, T or logits_to_keep, vocab)
         loss = None

@@ -139,7 +139,8 @@ class MiniMindVLM(MiniMindLM):
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, past_key_values=None,
                 use_cache=False, image_counts=None, logits_to_keep=0, position_ids=None,
-                output_attentions=False, image_features=None, return_logits=True) -> LMOutput:
+                output_attentions=False, image_features=None, return_logits=True,
+                labelled_last_block=True) -> LMOutput:
         embeds = self.model.embed_tokens(input_ids)  # (B, T, h)
         prefill = past_key_values is None or past_key_values.length == 0
         if (pixel_values is not None or image_features is not None) and prefill:
@@ -155,7 +156,8 @@ class MiniMindVLM(MiniMindLM):
         return_logits = return_logits or compiled
         return decoder(inputs_embeds=embeds, attention_mask=attention_mask, past_key_values=past_key_values,
                        use_cache=use_cache, logits_to_keep=logits_to_keep, position_ids=position_ids,
-                       labels=labels, output_attentions=output_attentions, return_logits=return_logits)
+                       labels=labels, output_attentions=output_attentions, return_logits=return_logits,
+                       labelled_last_block=labelled_last_block)
 
     def lm_state_dict(self) -> dict:
         """The weights a MiniMind-V checkpoint holds: everything but the (separately stored) CLIP tower."""

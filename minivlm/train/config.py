@@ -26,7 +26,7 @@ RECIPES = {
                           warmup_steps=0, train_vision=False),
     ("pretrain", "tiny"): dict(lr=2e-3, batch_size=32, epochs=1, max_length=128, train_lm_layers=-1,
                                warmup_steps=100, train_vision=True, vision_lr=5e-4, data=["synthetic"],
-                               max_steps=1200),
+                               max_steps=1200, labelled_last_block=False),
     # minimind-3v (MiniMind-V's 2026 trainer): pretrain 2 epochs of 16 at 4e-4, 450 tokens, projector only;
     # SFT 2 epochs of 4 at 5e-6, 768 tokens (MiniMind-V unfreezes the first and last block; minivlm all).
     ("pretrain", "3v"): dict(lr=4e-4, batch_size=16, epochs=2, max_length=450, train_lm_layers=0,
@@ -35,7 +35,7 @@ RECIPES = {
                         warmup_steps=0, train_vision=False),
     ("sft", "tiny"): dict(lr=1e-3, batch_size=32, epochs=1, max_length=160, train_lm_layers=-1,
                           warmup_steps=50, train_vision=True, vision_lr=3e-4, data=["synthetic"],
-                          max_steps=7000),
+                          max_steps=7000, labelled_last_block=False),
 }
 PRESETS = ("26m", "104m", "26m-moe", "tiny", "3v", "3v-moe")
 
@@ -62,7 +62,8 @@ class TrainConfig:
     train_vision: bool = False
     features: str | None = None
     feature_cache: str = "auto"
-    group_by_length: bool = False
+    group_by_length: bool | None = None  # None: on for --data files, off for the shapes world
+    labelled_last_block: bool = True
     lr: float = 4e-4
     vision_lr: float | None = None
     epochs: int = 1
@@ -162,8 +163,10 @@ def add_flags(p: argparse.ArgumentParser, stage: str):
            "once, before the first step, into OUT/feature_cache/ (fp32: the same weights as without it; reused "
            "while data, images and tower are unchanged; skipped when it would fill half the free disk); "
            "off: run the tower on every step")
-    a("--group-by-length", action=argparse.BooleanOptionalAction, default=False,
-      help="batches of samples of similar length (less padding; LLaVA's group_by_modality_length idea)")
+    a("--group-by-length", action=argparse.BooleanOptionalAction, default=None,
+      help="batches of samples of similar length (less padding; LLaVA's group_by_modality_length idea): "
+           "the shuffled order is cut into chunks (64 batches, or a parquet file's row groups), each sorted by "
+           "length, its batches shuffled (default: on with --data files; the shapes world has no lengths)")
 
 
 def add_optimisation_flags(p: argparse.ArgumentParser):
@@ -196,6 +199,11 @@ def add_run_flags(p: argparse.ArgumentParser):
       help="compute dtype (autocast); auto = bf16 on a GPU that supports it, else fp32")
     a("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
     a("--compile", action="store_true", help="torch.compile the decoder as one graph (the splice stays eager)")
+    a("--labelled-last-block", action=argparse.BooleanOptionalAction, default=None,
+      help="the last decoder block makes its queries and MLP only where a label waits (same loss and "
+           "gradients up to float rounding; 7-15%% faster steps on 26m; dense decoders). Default: on, "
+           "but off in the tiny recipe, whose shipped demo model was trained before it existed and is "
+           "reproduced bit for bit")
     a("--num-workers", type=int, default=None, help="DataLoader worker processes (default: min(4, cpus-1))")
     a("--threads", type=int, default=None,
       help="torch CPU threads (default: torch's choice); 1 is much faster on a CPU shared with other jobs")
@@ -247,6 +255,10 @@ def parse(stage: str, argv=None) -> TrainConfig:
     if cfg.tokenizer is None:
         cfg.tokenizer = os.path.join(cfg.out, "tokenizer.json")
     cfg.check()
+    if cfg.group_by_length is None:
+        cfg.group_by_length = not cfg.synthetic
+    if cfg.labelled_last_block is None:
+        cfg.labelled_last_block = True
     if world:
         cfg.shapes = world.options(args, stage, cfg.preset)
     return cfg

@@ -272,7 +272,7 @@ def train_step(cfg: TrainConfig, env: Setup, train_model, model, optimizer, scal
             # With --features the batch holds the tower's cached output instead of pixel_values.
             out = train_model(batch["input_ids"], batch.get("pixel_values"), labels=batch["labels"],
                               image_counts=batch["image_counts"], image_features=batch.get("image_features"),
-                              return_logits=False)
+                              return_logits=False, labelled_last_block=cfg.labelled_last_block)
             loss = out.loss
             if extra is not None and (term := extra(batch)) is not None:
                 loss = loss + term[0]

@@ -16,7 +16,8 @@ class EpochSampler(Sampler):
 
     With `group_sizes` (a parquet file's row groups) the shuffle is `parquet.grouped_order`: row groups
     in random order, rows shuffled within each, so a row group is read once per epoch and not once per
-    sample (reading a row group costs milliseconds to a second)."""
+    sample (reading a row group costs milliseconds to a second). Length grouping then stays inside each
+    row group, so this still holds."""
 
     def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, group_sizes=None, lengths=None,
                  batch_size: int = 1):
@@ -34,7 +35,8 @@ class EpochSampler(Sampler):
         else:
             perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         if self.lengths is not None:
-            perm = length_grouped(perm, self.lengths, self.batch_size * self.world, self.seed + self.epoch)
+            chunks = None if self.group_sizes is None else group_runs(perm, self.group_sizes)
+            perm = length_grouped(perm, self.lengths, self.batch_size * self.world, self.seed + self.epoch, chunks)
         per_rank = self.n // self.world  # equal shares, so all ranks take the same number of steps
         return perm[self.rank:per_rank * self.world:self.world][self.start:].tolist()
 
@@ -45,17 +47,43 @@ class EpochSampler(Sampler):
         return self.n // self.world - self.start
 
 
-def length_grouped(perm: torch.Tensor, lengths, batch: int, seed: int, mega: int = 64) -> torch.Tensor:
-    """LLaVA's length grouping: cut the shuffled order into "megabatches" of `mega` batches, sort each
-    by length (longest first), cut it into batches, and shuffle the order of all batches. A batch then
-    holds samples of similar length (little padding), while which samples meet stays random.
-    `batch` = samples of one step across all ranks: rank r takes every world-th sample of a batch, so
-    each rank's micro-batch comes from the same group. Deterministic in `seed`."""
+def length_grouped(perm: torch.Tensor, lengths, batch: int, seed: int, chunks=None, mega: int = 64
+                   ) -> torch.Tensor:
+    """LLaVA's length grouping: cut the shuffled order into chunks, sort each chunk by length and cut it
+    into batches, then shuffle the order of the batches inside the chunk. A batch then holds samples of
+    similar length (little padding), while which samples meet stays random.
+
+    chunks: the sizes of consecutive runs of `perm` to group within; default "megabatches" of `mega`
+    batches. A parquet file passes its row groups (in `grouped_order`'s order), so that a batch never
+    reaches into another row group and each one is still read once per epoch. The rows left over at the
+    end of a chunk (fewer than a batch) open the next chunk's first batch, which keeps every later batch
+    aligned. `batch` = samples of one step across all ranks: rank r takes every world-th sample of a batch,
+    so each rank's micro-batch comes from the same group. Deterministic in `seed`."""
     lengths = torch.as_tensor(lengths)
-    chunks = [c[torch.argsort(lengths[c], descending=True, stable=True)] for c in perm.split(batch * mega)]
-    batches = list(torch.cat(chunks).split(batch)) if chunks else []
-    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed + 1_000_003))
-    return torch.cat([batches[i] for i in order.tolist()]) if batches else perm
+    gen = torch.Generator().manual_seed(seed + 1_000_003)
+    out, carry = [], perm[:0]
+    for chunk in perm.split(chunks if chunks is not None else batch * mega):
+        if len(carry):  # the previous chunk's last rows, completed by the start of this one
+            fill = batch - len(carry)
+            carry, chunk = torch.cat([carry, chunk[:fill]]), chunk[fill:]
+            if len(carry) == batch:
+                out.append(carry)
+                carry = perm[:0]
+            if not len(chunk):
+                continue
+        chunk = chunk[torch.argsort(lengths[chunk], descending=True, stable=True)]
+        full = len(chunk) // batch * batch
+        batches = chunk[:full].split(batch)
+        out += [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+        carry = chunk[full:]
+    return torch.cat(out + [carry]) if out else perm
+
+
+def group_runs(perm: torch.Tensor, group_sizes) -> list[int]:
+    """The lengths of the runs of consecutive indices of `perm` that lie in one row group."""
+    group = np.searchsorted(np.cumsum(group_sizes), perm.numpy(), side="right")
+    cuts = np.flatnonzero(np.diff(group)) + 1
+    return np.diff(np.concatenate([[0], cuts, [len(group)]])).tolist()
 
 
 def approx_lengths(dataset):
