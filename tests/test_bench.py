@@ -177,11 +177,14 @@ def test_quick_decode_section_reports_roofline_and_token_check(tmp_path):
     out = tmp_path / "decode.json"
     assert bench.main(["decode", "--quick", "--device", "cpu", "--json", str(out)]) == 0
     r = json.loads(out.read_text())["decode"]
-    rows = {(row["dtype"], row["batch"]): row for row in r["rows"]}
-    assert set(rows) == {("fp32", 1), ("fp32", 2), ("bf16", 1), ("bf16", 2)}
+    rows = {(row["dtype"], row["batch"], row["way"]): row for row in r["rows"]}
+    assert set(rows) == {(d, 1, "eager") for d in ("fp32", "bf16")} | {(d, 1, "compiled") for d in ("fp32", "bf16")} \
+        | {(d, 2, "eager") for d in ("fp32", "bf16")}  # compiled decoding is for batch 1
     for row in rows.values():
         assert row["preset"] == "tiny" and row["ms_per_step"] > 0
         assert row["pct_of_roofline"] == pytest.approx(100 * row["roofline_ms"] / row["ms_per_step"])
-    assert rows[("fp32", 1)]["same_tokens_as_fp32"] and rows[("fp32", 2)]["same_tokens_as_fp32"]
+    assert rows[("fp32", 1, "eager")]["same_tokens_as_fp32"] and rows[("fp32", 2, "eager")]["same_tokens_as_fp32"]
+    assert rows[("fp32", 1, "compiled")]["same_tokens_as_fp32"]  # the compiled step decodes the same tokens
     # bf16 weights hold half the bytes: half the floor
-    assert rows[("bf16", 1)]["roofline_ms"] == pytest.approx(rows[("fp32", 1)]["roofline_ms"] / 2, rel=0.01)
+    assert rows[("bf16", 1, "eager")]["roofline_ms"] == pytest.approx(rows[("fp32", 1, "eager")]["roofline_ms"] / 2,
+                                                                     rel=0.01)

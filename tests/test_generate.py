@@ -336,3 +336,30 @@ def test_answer_places_images_at_the_markers_of_the_question(tok, vlm):
     pv = preprocess_image(image(1), SIZE)[None, None]
     out = generate(vlm, torch.tensor([ids]), pv, cfg=cfg, eos_id=tok.eos_id, pad_id=tok.pad_id)[0].tolist()
     assert q_first == tok.decode(out[:out.index(tok.eos_id)] if tok.eos_id in out else out)
+
+
+# ---------------------------------------------------------------------------------------------
+# generate(..., compiled=True): batch 1 through one compiled graph per step
+
+
+def test_compiled_decoding_gives_the_eager_tokens_and_falls_back_where_it_cannot():
+    from minivlm.infer import compiled_decode
+    torch.manual_seed(3)
+    lm = MiniMindLM(LMConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=512, qk_norm=True)).eval()
+    prompt = torch.randint(3, 300, (1, 20))
+    greedy = SamplingConfig(max_new_tokens=24)
+    eager = generate(lm, prompt, cfg=greedy, eos_id=None)
+    assert torch.equal(generate(lm, prompt, cfg=greedy, eos_id=None, compiled=True), eager)
+    [fast] = lm._compiled_decoders.values()  # it did decode through the compiled step: one, capacity 256
+    assert fast.capacity == 256 and fast.keys[0].shape == (2, 256, 16)
+    # sampling draws from the same distribution with the same generator
+    sampled = SamplingConfig(max_new_tokens=24, temperature=0.8, top_k=50, seed=5)
+    assert torch.equal(generate(lm, prompt, cfg=sampled, eos_id=None, compiled=True),
+                       generate(lm, prompt, cfg=sampled, eos_id=None))
+    # a batch of two (left-padded) decodes eagerly, as before
+    ids, mask = left_pad([prompt[0].tolist(), prompt[0, :12].tolist()])
+    assert not compiled_decode.supported(lm, 2, mask)
+    assert torch.equal(generate(lm, ids, attention_mask=mask, cfg=greedy, eos_id=None, compiled=True),
+                       generate(lm, ids, attention_mask=mask, cfg=greedy, eos_id=None))
+    assert compiled_decode.decoder_for(lm, 300).capacity == 512  # room for 300 positions: the next power of two

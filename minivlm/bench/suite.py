@@ -15,7 +15,7 @@ says what each number means):
   generate  greedy decoding from a 196 + 32 token prompt, batch 1 and 8: prefill time, decode tokens/s,
             ms/token as the KV cache grows; inference memory.
   decode    ms per decode step against the memory roofline, tiny and 26m, fp32 and bf16 weights, batch 1
-            and 8, with a check that the greedy tokens equal fp32's.
+            and 8, eager and (batch 1) compiled, with a check that the greedy tokens equal fp32's (decode.py).
   data      JPEGs + a MiniMind-V jsonl -> VLMDataset -> DataLoader(collate_vlm): samples/s.
   epoch     a whole epoch, data to step, minivlm vs a MiniMind-V-style pipeline (bench_epoch.py; not in `all`).
   gpu       the GPU run ready to go (gpu.py; not in `all`): 26m + ViT-B/16 training samples/s and MFU,
@@ -42,6 +42,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import epoch as bench_epoch
+from .decode import bench_decode
 from . import gpu as bench_gpu
 from .clock import cpu_threads, optimizer_step, time_it, timed_generate as _timed_generate
 from . import memory as bench_memory
@@ -215,41 +216,6 @@ def bench_generate(args, device) -> dict:
     del model
     out["inference_memory"] = bench_inference_memory(args, device)
     out["load_memory"] = bench_memory.report(args)  # CPU RAM of loading 26m + CLIP, in a fresh process
-    return out
-
-
-def bench_decode(args, device) -> dict:
-    """Decode speed against the memory roofline: a greedy step reads every decoder weight once, so its floor
-    is weight bytes / copy bandwidth, whatever the batch. tiny and 26m (tiny only with --quick), weights in
-    fp32 and bf16, batch 1 and 8; each row says whether its greedy tokens equal fp32's."""
-    bw = bench_memory.memory_bandwidth_gbs(device, 64 if args.quick else 256)
-    n_new, out = (8 if args.quick else 64), {"bandwidth_gb_s": bw, "rows": []}
-    print0(f"decode: greedy, {n_new} new tokens after {args.prompt_text} text tokens + one image; "
-           f"copy bandwidth {bw:.1f} GB/s")
-    for preset in (["tiny"] if args.quick else ["tiny", "26m"]):
-        model = build_model(preset, device).eval()
-        fp32_tokens = {}
-        for dtype in ("fp32", "bf16"):
-            model.to(DTYPES[dtype])
-            weight_bytes = bench_memory.decoder_weight_bytes(model)
-            for B in args.gen_batches:
-                ids, _, pixel_values = synthetic_batch(model, B, model.run_length + args.prompt_text, device)
-                pixel_values = pixel_values.to(DTYPES[dtype])
-                _timed_generate(model, ids, pixel_values, 2, device)  # warm-up
-                stamps, end = _timed_generate(model, ids, pixel_values, n_new, device)
-                step_ms = float(np.median(np.diff(stamps + [end])[1:])) * 1e3
-                tokens = generate(model, ids, pixel_values, cfg=SamplingConfig(max_new_tokens=n_new), eos_id=None)
-                fp32_tokens.setdefault(B, tokens)
-                best_ms = weight_bytes / (bw * 1e9) * 1e3
-                row = {"preset": preset, "dtype": dtype, "batch": B, "ms_per_step": step_ms,
-                       "tokens_per_s": B / step_ms * 1e3, "roofline_ms": best_ms,
-                       "pct_of_roofline": 100 * best_ms / step_ms,
-                       "same_tokens_as_fp32": bool(torch.equal(tokens, fp32_tokens[B]))}
-                out["rows"].append(row)
-                print0(f"  {preset:<5} {dtype} batch {B:<2} {step_ms:7.2f} ms/step ({row['tokens_per_s']:7.1f} tok/s), "
-                       f"roofline {best_ms:5.2f} ms -> {row['pct_of_roofline']:3.0f}%; greedy tokens as fp32: "
-                       f"{'yes' if row['same_tokens_as_fp32'] else 'no'}")
-        del model
     return out
 
 

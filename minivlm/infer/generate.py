@@ -25,6 +25,7 @@ from typing import Iterator
 
 import torch
 
+from . import compiled_decode
 from ..data.processing import as_transform
 from ..data.prompt import chat_prompt, user_turn
 
@@ -109,7 +110,8 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _decode_steps(model, input_ids, pixel_values, image_counts, attention_mask, cfg, eos_id, pad_id):
+def _decode_steps(model, input_ids, pixel_values, image_counts, attention_mask, cfg, eos_id, pad_id,
+                  compiled=False):
     """Yield the next token of every row, LongTensor (B,), once per step.
 
     Shared by `generate` (which collects the steps) and `stream` (which turns them into text as
@@ -143,10 +145,14 @@ def _decode_steps(model, input_ids, pixel_values, image_counts, attention_mask, 
         if image_counts is not None:
             extra["image_counts"] = image_counts
     out = model(input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1, **extra)
-    cache = out.past_key_values
+    cache, logits = out.past_key_values, out.logits[:, -1]
+    fast = None
+    if compiled and compiled_decode.supported(model, B, attention_mask):
+        fast = compiled_decode.decoder_for(model, T + limit)  # batch 1: one compiled graph per step
+        fast.start(cache, T)
 
     for step in range(limit):
-        tok = sample_next(out.logits[:, -1], history, cfg, generator)  # (B,)
+        tok = sample_next(logits, history, cfg, generator)  # (B,)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)  # finished rows only pad
         if eos_id is not None:
             done = done | (tok == eos_id)
@@ -157,9 +163,12 @@ def _decode_steps(model, input_ids, pixel_values, image_counts, attention_mask, 
         if attention_mask is not None:  # the mask covers cached + new positions
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
         # Only the new token goes in: everything before it is already in the cache.
+        if fast is not None:
+            logits = fast.step(tok, T + step)
+            continue
         out = model(tok[:, None], attention_mask=attention_mask, past_key_values=cache, use_cache=True,
                     logits_to_keep=1)
-        cache = out.past_key_values
+        cache, logits = out.past_key_values, out.logits[:, -1]
 
 
 class _eval_mode:
@@ -180,18 +189,22 @@ class _eval_mode:
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
              image_counts: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-             cfg: SamplingConfig | None = None, eos_id: int | None = 2, pad_id: int = 0) -> torch.Tensor:
+             cfg: SamplingConfig | None = None, eos_id: int | None = 2, pad_id: int = 0,
+             compiled: bool = False) -> torch.Tensor:
     """Continue each row of input_ids (B, T); returns the new tokens, LongTensor (B, n_new).
 
     A row that emits eos_id keeps it and is pad_id afterwards; n_new is the number of steps taken
     (<= max_new_tokens: fewer when every row stopped early). For a batch of prompts of different
     lengths, left-pad them (`left_pad`) and pass the attention_mask. pixel_values (B, N, 3, S, S)
     with image_counts (B,) for a VLM; leave them None for a plain MiniMindLM.
+
+    compiled=True: a batch of one (dense decoder, no padding) decodes through one compiled graph per
+    step (compiled_decode.py; the first call compiles, seconds to a minute); otherwise it is ignored.
     """
     cfg = cfg or SamplingConfig()
     with _eval_mode(model):
         steps = list(_decode_steps(model, input_ids, pixel_values, image_counts, attention_mask, cfg,
-                                   eos_id, pad_id))
+                                   eos_id, pad_id, compiled))
     if not steps:
         return input_ids.new_zeros(input_ids.shape[0], 0)
     return torch.stack(steps, dim=1)
@@ -215,7 +228,7 @@ def left_pad(sequences: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor,
 
 @torch.no_grad()
 def stream(model, tokenizer, input_ids, pixel_values=None, image_counts=None, attention_mask=None,
-           cfg: SamplingConfig | None = None) -> Iterator[str]:
+           cfg: SamplingConfig | None = None, compiled: bool = False) -> Iterator[str]:
     """Generate for one prompt (batch size 1) and yield the text as it grows; it stops at the
     tokenizer's eos, which is not emitted.
 
@@ -223,7 +236,7 @@ def stream(model, tokenizer, input_ids, pixel_values=None, image_counts=None, at
     freely), and decoding an incomplete UTF-8 sequence gives the replacement character U+FFFD. So
     the ids so far are decoded at every step and the new text is emitted only once it does not end
     in U+FFFD; at the end whatever is left is flushed. Hence "".join(stream(...)) equals decoding
-    all the generated ids at once.
+    all the generated ids at once. compiled: as in `generate`.
     """
     if not torch.is_tensor(input_ids):
         input_ids = torch.tensor([list(input_ids)], dtype=torch.long, device=_model_device(model))
@@ -234,7 +247,7 @@ def stream(model, tokenizer, input_ids, pixel_values=None, image_counts=None, at
     ids, emitted = [], ""
     with _eval_mode(model):
         for tok in _decode_steps(model, input_ids, pixel_values, image_counts, attention_mask, cfg,
-                                 eos_id, tokenizer.pad_id):
+                                 eos_id, tokenizer.pad_id, compiled):
             t = int(tok[0])
             if t == eos_id:
                 break
