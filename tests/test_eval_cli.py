@@ -31,6 +31,18 @@ def test_describes_each_image_in_a_folder(capsys, ckpt, shapes_dir):
     assert out.count("vlm> ") == 3 and out.count("Describe the image.") == 3
 
 
+def test_compile_gives_the_same_answers(capsys):
+    # the shipped demo model on the sample images, eager and through the compiled decode step
+    args = ["--images", os.path.join(SAMPLES, "shapes_1.png"), os.path.join(SAMPLES, "shapes_2.png"),
+            "--prompt", "How many shapes are there?", "--max-new-tokens", "12"]
+    code, eager, err = run_cli(capsys, *args)
+    assert code == 0, err
+    code, compiled, err = run_cli(capsys, *args, "--compile")
+    assert code == 0, err
+    assert compiled == eager and eager.count("vlm> ") == 2, eager
+    assert all(line.split("vlm> ")[1].strip() for line in eager.splitlines() if "vlm> " in line), eager  # real answers
+
+
 def test_multi_puts_all_images_in_one_prompt(capsys, ckpt, shapes_dir):
     imgs = sorted((shapes_dir / "images").glob("test_00000*.png"))[:2]
     code, out, err = run_cli(capsys, "--weights", ckpt, "--images", *map(str, imgs), "--multi",

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=0, help="seed for sampling")
     a("--device", default=None, help="cpu, cuda, … (default: cuda if available)")
     a("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype for inference")
+    a("--compile", action="store_true",
+      help="decode each answer through one compiled graph per token (torch.compile; needs a C++ compiler on "
+           "a CPU): ~2x more tokens/s for 26m on a CPU, after a first compile of 10-30 s (not with --eval)")
     a("--num-heads", type=int, default=None,
       help="decoder attention heads, for checkpoints without a minivlm JSON (MiniMind: 8)")
     add_preset_flag(p)
@@ -131,12 +134,14 @@ def load_model(args):
     return model.to(device=device, dtype=DTYPES[args.dtype]).eval(), tokenizer, device, question_first
 
 
-def ask(model, tokenizer, images, messages, cfg, out=sys.stdout) -> str:
-    """Stream the answer to `messages` (which hold one <image> per image) and return it."""
+def ask(model, tokenizer, images, messages, cfg, out=None, compiled=False) -> str:
+    """Stream the answer to `messages` (which hold one <image> per image) to out (default: sys.stdout as
+    it is at the call, so a redirected stdout gets it) and return it."""
+    out = out or sys.stdout
     batch = encode_batch(model, tokenizer, [(images, messages)])
     pieces = []
     for piece in stream(model, tokenizer, batch["input_ids"], batch["pixel_values"], batch["image_counts"],
-                        batch["attention_mask"], cfg=cfg):
+                        batch["attention_mask"], cfg=cfg, compiled=compiled):
         out.write(piece)
         out.flush()
         pieces.append(piece)
@@ -178,18 +183,19 @@ def run(args) -> int:
 
     if args.chat:
         name, image = loaded[0]
-        return chat(model, tokenizer, name, image, args.question_first, cfg)
+        return chat(model, tokenizer, name, image, args.question_first, cfg, args.compile)
 
     groups = [loaded] if args.multi else [[item] for item in loaded]
     for group in groups:
         content = user_turn(args.prompt, len(group), args.question_first)  # checked before it is printed
         print(f"[{', '.join(os.path.basename(f) for f, _ in group)}] {args.prompt}")
         print("vlm> ", end="", flush=True)
-        ask(model, tokenizer, [im for _, im in group], [{"role": "user", "content": content}], cfg)
+        ask(model, tokenizer, [im for _, im in group], [{"role": "user", "content": content}], cfg,
+            compiled=args.compile)
     return 0
 
 
-def chat(model, tokenizer, name, image, question_first, cfg) -> int:
+def chat(model, tokenizer, name, image, question_first, cfg, compiled=False) -> int:
     """A conversation about one image, one question per line of stdin; an empty line or end of input ends it."""
     print(f"[chat about {name}; an empty line or Ctrl-D ends]")
     if sys.stdin is None or sys.stdin.closed:  # started with stdin closed (`0<&-`): nothing to read
@@ -220,7 +226,8 @@ def chat(model, tokenizer, name, image, question_first, cfg) -> int:
             continue
         messages.append({"role": "user", "content": content})
         print("vlm> ", end="", flush=True)
-        messages.append({"role": "assistant", "content": ask(model, tokenizer, [image], messages, cfg)})
+        messages.append({"role": "assistant", "content": ask(model, tokenizer, [image], messages, cfg,
+                                                             compiled=compiled)})
     return 0
 
 
