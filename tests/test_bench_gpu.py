@@ -66,12 +66,13 @@ def test_dry_run_writes_every_row_and_column(tmp_path, capsys):
     train, decode = _tables(text)
     _check_train(train[1:], train[0], compiled_measured=False, mfu_known=False)  # no peak known for a CPU
     assert decode[0] == gpu.DECODE_COLUMNS
-    assert [r[0] for r in decode[1:]] == ["1", "8"]
+    assert [r[0] for r in decode[1:]] == ["1", "1", "8"]  # batch 1 eager, then compiled
     for r in decode[1:]:
         assert all(_positive_number(c) for c in r[1:-1]), r
+    assert decode[2][-1].startswith("compiled=True: ") and decode[2][-1].endswith("x eager"), decode[2]
     r = json.loads(js.read_text())
     assert r["meta"]["dry_run"] is True and r["meta"]["preset"] == "tiny" and r["meta"]["dtype"] == "fp32"
-    assert len(r["train"]) == 8 and [d["batch"] for d in r["decode"]] == [1, 8]
+    assert len(r["train"]) == 8 and [d["batch"] for d in r["decode"]] == [1, 1, 8]
     for row in r["train"]:
         if row["mode"] == "eager":
             assert all(row[k] > 0 and math.isfinite(row[k]) for k in ("samples_per_s", "ms_per_step", "tflops",
@@ -88,7 +89,7 @@ def test_dry_run_can_run_the_compiled_rows(tmp_path):
                      "--peak-tflops", "1", "--decode-batches", "1", "--out", str(md)]) == 0
     train, decode = _tables(md.read_text())
     _check_train(train[1:], train[0], compiled_measured=True, mfu_known=True)
-    assert [r[0] for r in decode[1:]] == ["1"]
+    assert [r[0] for r in decode[1:]] == ["1", "1"]  # eager and compiled=True
 
 
 def test_help_explains_every_flag():

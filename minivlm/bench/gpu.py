@@ -12,7 +12,8 @@ nothing is downloaded) it measures, on synthetic inputs of the real shapes (base
              per sample = the stage's max_length (640 / 1536): the longest batch a stage sees. MFU
              from flops.train_step_flops against the card's peak (flops.PEAK_TFLOPS, or --peak-tflops).
   decoding   greedy tokens/s with the KV cache (infer.generate), batch 1 and 8, after a prompt of one
-             image + text (196 + 32 tokens, as `bench generate`), the weights in bf16.
+             image + text (196 + 32 tokens, as `bench generate`), the weights in bf16; batch 1 also with
+             generate(..., compiled=True) (always, dry runs too: a failure becomes the row's note).
 
 Every row: warm-up steps (for compiled rows they include the compilation), then timed steps with a
 synchronize around each (clock.time_it); the median counts. Peak memory is torch.cuda's high-water
@@ -41,6 +42,7 @@ import torch
 
 from .baselines import build_model, synthetic_batch
 from .clock import cpu_threads, optimizer_step, time_it, timed_generate
+from .decode import ms_per_step
 from .flops import card_peak_tflops, mfu, train_step_flops
 from ..common import (DTYPES, Progress, UserError, atomic_write, fmt_time, grad_scaler, peak_memory_mb,
                       positive_int, print0, reset_peak_memory, resolve_device, resolve_dtype, write_error)
@@ -167,7 +169,7 @@ def run(args, argv) -> dict:
             "compile_backend": args.compile_backend, "argv": list(sys.argv[1:] if argv is None else argv)}
     print0(f"bench gpu: {meta['device_name']} ({device}), torch {torch.__version__}, preset {args.preset}, "
            f"{args.dtype}, peak " + (f"{args.peak_tflops} TFLOP/s" if args.peak_tflops else "unknown (MFU n/a)"))
-    rows = len(POLICIES) * len(MODES) * len(args.batches) + len(args.decode_batches)
+    rows = len(POLICIES) * len(MODES) * len(args.batches) + len(args.decode_batches) + (1 in args.decode_batches)
     progress = RowProgress(rows)
     t0 = time.perf_counter()
     train = [r for policy in POLICIES for r in bench_policy(policy, args, device, progress)]
@@ -267,9 +269,26 @@ def bench_decode(args, device, progress) -> list[dict]:
         rows.append(row)
         progress(f"decode batch {batch}", f"{row['tokens_per_s']:.1f} tokens/s, "
                f"{row['ms_per_token']:.2f} ms/token, peak {row['peak_mem_mb']:.0f} MB")
+        if batch == 1:
+            rows.append(compiled_decode_row(model, ids, pixel_values, row, args, device))
+            progress("decode batch 1, compiled=True", rows[-1]["note"])
     del model
     empty_cache(device)
     return rows
+
+
+def compiled_decode_row(model, ids, pixel_values, eager: dict, args, device) -> dict:
+    """Batch 1 through generate(..., compiled=True), timed as `bench decode` times it. Never run on CUDA
+    before this script's first GPU run: a failure becomes the row's note instead of ending the run."""
+    row = {**eager, "tokens_per_s": None, "ms_per_token": None, "peak_mem_mb": None}
+    try:
+        reset_peak_memory(device)
+        ms, _ = ms_per_step(model, ids, pixel_values, args.new_tokens, device, compiled=True)
+        row.update(tokens_per_s=1e3 / ms, ms_per_token=ms, peak_mem_mb=peak_memory_mb(device),
+                   note=f"compiled=True: {eager['ms_per_token'] / ms:.2f}x eager")
+    except Exception as e:  # noqa: BLE001 - whatever it was, the table must still be written
+        row["note"] = f"compiled=True failed: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+    return row
 
 
 def empty_cache(device):
