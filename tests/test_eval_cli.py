@@ -164,3 +164,10 @@ def test_a_reader_that_stops_early_is_not_an_error():
     err = p.stderr.read().decode()
     assert p.wait(timeout=300) == 0, err
     assert "Traceback" not in err
+
+
+def test_compile_without_a_cpp_compiler_is_one_line(capsys, monkeypatch):
+    import shutil
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    code, out, err = run_cli(capsys, "--images", os.path.join(SAMPLES, "shapes_1.png"), "--compile", "--device", "cpu")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "needs a C++ compiler" in err, (out, err)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
 
 from ..model.checkpoint import load_with_tokenizer
@@ -153,6 +154,9 @@ def run(args) -> int:
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                          top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
     model, tokenizer, device, trained_question_first = load_model(args)
+    if args.compile and device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        raise UserError("--compile: torch.compile needs a C++ compiler on a CPU (no g++, c++ or clang++ on the "
+                        "PATH); install one, or drop --compile")
     if args.question_first is None:
         args.question_first = trained_question_first
     print(f"model: {args.weights} ({sum(p.numel() for n, p in model.named_parameters() if not n.startswith('vision_encoder.')) / 1e6:.2f}M "
