@@ -1,5 +1,7 @@
 """Tests for minivlm/generate.py: KV-cache decoding, batching, streaming, stopping, sampling, prompts."""
 
+import copy
+import io
 import json
 
 import pytest
@@ -363,3 +365,13 @@ def test_compiled_decoding_gives_the_eager_tokens_and_falls_back_where_it_cannot
     assert torch.equal(generate(lm, ids, attention_mask=mask, cfg=greedy, eos_id=None, compiled=True),
                        generate(lm, ids, attention_mask=mask, cfg=greedy, eos_id=None))
     assert compiled_decode.decoder_for(lm, 300).capacity == 512  # room for 300 positions: the next power of two
+    # a copy decodes with its own weights (a copied step would read the original's), and the model still pickles
+    twin = copy.deepcopy(lm)
+    assert not twin._compiled_decoders
+    with torch.no_grad():
+        twin.lm_head.weight.mul_(-1)
+    assert torch.equal(generate(twin, prompt, cfg=greedy, eos_id=None, compiled=True),
+                       generate(twin, prompt, cfg=greedy, eos_id=None))
+    buffer = io.BytesIO()
+    torch.save(lm, buffer)
+    assert not torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)._compiled_decoders

@@ -107,6 +107,17 @@ class CompiledDecoder:
         return linear(rms_norm(m.norm, x), self.model.lm_head.weight)  # (vocab,)
 
 
+class CompiledSteps(dict):
+    """The compiled steps of one model, kept on it. A copy or a pickle of the model starts with none
+    (they are rebuilt on use): a copied step would still read the original model's weights."""
+
+    def __reduce__(self):
+        return CompiledSteps, ()
+
+    def __deepcopy__(self, memo):
+        return CompiledSteps()
+
+
 def decoder_for(model: MiniMindLM, needed: int) -> CompiledDecoder:
     """The model's compiled step with room for `needed` positions, made on first use and kept on the
     model. Capacities are powers of two from 256 up, so a new prompt length rarely means a new compile."""
@@ -114,7 +125,7 @@ def decoder_for(model: MiniMindLM, needed: int) -> CompiledDecoder:
     capacity = min(capacity, max(needed, model.config.max_position_embeddings))
     w = model.lm_head.weight
     key = (capacity, w.dtype, w.device)  # a model cast or moved later gets buffers of its own
-    decoders = model.__dict__.setdefault("_compiled_decoders", {})  # not a submodule: never saved
+    decoders = model.__dict__.setdefault("_compiled_decoders", CompiledSteps())  # not a submodule: never saved
     if key not in decoders:
         decoders[key] = CompiledDecoder(model, capacity)
     return decoders[key]
