@@ -288,6 +288,27 @@ def test_length_grouping_reads_each_parquet_row_group_once():
     assert padding(order) < 0.2 * padding(EpochSampler(n, seed=2, group_sizes=sizes).indices())
 
 
+def test_several_files_with_parquet_still_read_each_row_group_once():
+    from torch.utils.data import ConcatDataset
+    from minivlm.train.sampler import read_groups
+
+    class Part:  # the two things the sampler asks of a dataset
+        def __init__(self, n, group_sizes=None):
+            self.n, self.group_sizes = n, None if group_sizes is None else np.array(group_sizes)
+
+        def __len__(self):
+            return self.n
+
+    parquet, jsonl = Part(700, [300, 250, 150]), Part(2100)
+    assert read_groups(jsonl) is None and read_groups(ConcatDataset([jsonl, jsonl])) is None  # any order is cheap
+    sizes = read_groups(ConcatDataset([parquet, jsonl, parquet]))
+    assert sizes.tolist() == [300, 250, 150, 1024, 1024, 52, 300, 250, 150]
+    order = EpochSampler(int(sizes.sum()), seed=1, group_sizes=sizes).indices()
+    group = np.searchsorted(np.cumsum(sizes), order, side="right")
+    assert np.count_nonzero(np.diff(group)) == len(sizes) - 1  # each row group (and jsonl block) read in one run
+    assert sorted(order) == list(range(int(sizes.sum())))
+
+
 def test_length_grouping_is_on_by_default_for_data_files_only(tmp_path):
     from minivlm.train.config import parse
     assert parse("pretrain", ["--data", "a.jsonl", "--out", str(tmp_path)]).group_by_length is True

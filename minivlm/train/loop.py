@@ -53,7 +53,7 @@ from .features import build_store, use_store
 from .optim import lr_factor, make_optimizer, set_lr, set_trainable, trainable_counts
 from .resume import (Paths, Saver, StopRequest, append_log, check_out, checkpoint_name, ignore_signals,
                      prepare_out, restore, save, stop_requested)
-from .sampler import EpochSampler, approx_lengths
+from .sampler import EpochSampler, approx_lengths, read_groups
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,8 +203,8 @@ def question_first(dataset) -> bool:
 
 def build_loader(cfg: TrainConfig, dataset, collate, env: Setup):
     lengths = approx_lengths(dataset) if cfg.group_by_length else None
-    sampler = EpochSampler(len(dataset), cfg.seed, env.rank, env.world, getattr(dataset, "group_sizes", None),
-                           lengths, cfg.batch_size)
+    sampler = EpochSampler(len(dataset), cfg.seed, env.rank, env.world, read_groups(dataset), lengths,
+                           cfg.batch_size)
     # Its own generator: starting an iterator draws the workers' base seed, which must not come from
     # (and advance) the global RNG that dropout uses, or a resumed run would drop different units.
     generator = torch.Generator()

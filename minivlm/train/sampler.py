@@ -86,6 +86,22 @@ def group_runs(perm: torch.Tensor, group_sizes) -> list[int]:
     return np.diff(np.concatenate([[0], cuts, [len(group)]])).tolist()
 
 
+def read_groups(dataset, jsonl_block: int = 1024):
+    """The runs of samples that are cheap to read together (sizes, in dataset order) for EpochSampler, or
+    None when every order is as cheap as any other (jsonl files alone). A parquet file's runs are its row
+    groups; beside parquet files, a jsonl file counts as blocks of jsonl_block samples, so its samples still
+    mix with theirs, at that grain."""
+    parts = getattr(dataset, "datasets", [dataset])
+    if all(getattr(part, "group_sizes", None) is None for part in parts):
+        return None
+    sizes = []
+    for part in parts:
+        groups = getattr(part, "group_sizes", None)
+        sizes += (list(groups) if groups is not None else
+                  [min(jsonl_block, len(part) - k) for k in range(0, len(part), jsonl_block)])
+    return np.array(sizes, dtype=np.int64)
+
+
 def approx_lengths(dataset):
     """Per-sample approximate token counts of a dataset (or ConcatDataset) for --group-by-length."""
     parts = getattr(dataset, "datasets", [dataset])
