@@ -191,13 +191,11 @@ def load_and_measure(weights, vision, dtype: str) -> dict:
     from ..common import DTYPES
     from ..infer.generate import SamplingConfig, generate
     from ..model.checkpoint import load_vlm
+    from .baselines import synthetic_batch
     imports = rss_peak_bytes()
     model = load_vlm(weights, vision=vision, dtype=DTYPES[dtype]).eval()
     loaded, kept = rss_peak_bytes(), kept_bytes(model)
-    text = torch.randint(3, model.config.vocab_size, (1, 32))
-    text[text == model.placeholder_id] = 3  # a stray placeholder would break the image run
-    ids = torch.cat([torch.full((1, model.run_length), model.placeholder_id), text], 1)
-    pixels = torch.randn(1, 1, 3, model.vision_encoder.config.image_size, model.vision_encoder.config.image_size)
+    ids, _, pixels = synthetic_batch(model, 1, model.run_length + 32, "cpu")
     generate(model, ids, pixels.to(DTYPES[dtype]), cfg=SamplingConfig(max_new_tokens=16), eos_id=None)
     answered = rss_peak_bytes()
     return {"rss_after_imports_mb": imports / 2**20, "weights_mb": kept / 2**20,

@@ -25,23 +25,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..model.lm import KVCache, MiniMindLM
+from ..model.lm import KVCache, MiniMindLM, apply_rope
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (in,), w (out, in) -> (out,), accumulated in fp32 whatever the weights' dtype."""
     return (w.float() * x.float()).sum(-1).to(x.dtype)
-
-
-def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    xf = x.float()
-    return norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)).to(x.dtype)
-
-
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (heads, hd) rotated by one position's cos/sin (hd,), as model/lm.py's apply_rope."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 def supported(model, batch: int, attention_mask) -> bool:
@@ -84,13 +73,13 @@ class CompiledDecoder:
         seen = torch.arange(self.capacity, device=x.device) <= pos  # (capacity,): the cached positions + this one
         for i, layer in enumerate(m.layers):
             a = layer.self_attn
-            h = rms_norm(layer.input_layernorm, x)
+            h = layer.input_layernorm(x)
             q = linear(h, a.q_proj.weight).view(H, hd)
             k = linear(h, a.k_proj.weight).view(KV, hd)
             v = linear(h, a.v_proj.weight).view(KV, hd)
             if a.qk_norm:
                 q, k = a.q_norm(q), a.k_norm(k)
-            q, k = rope(q, cos, sin), rope(k, cos, sin)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # one position: cos, sin (hd,)
             keys[i].index_copy_(1, pos, k[:, None])  # (KV, capacity, hd), written in place
             values[i].index_copy_(1, pos, v[:, None])
             # grouped-query: the H // KV query heads of a key/value head read it together. Written as
@@ -100,11 +89,11 @@ class CompiledDecoder:
             weights = scores.float().masked_fill(~seen, float("-inf")).softmax(-1).to(x.dtype)
             y = (weights[..., None] * values[i][:, None]).sum(-2).reshape(H * hd)  # (H * hd,)
             x = x + linear(y, a.o_proj.weight)
-            h = rms_norm(layer.post_attention_layernorm, x)
+            h = layer.post_attention_layernorm(x)
             mlp = layer.mlp
             x = x + linear(F.silu(linear(h, mlp.gate_proj.weight)) * linear(h, mlp.up_proj.weight),
                            mlp.down_proj.weight)
-        return linear(rms_norm(m.norm, x), self.model.lm_head.weight)  # (vocab,)
+        return linear(m.norm(x), self.model.lm_head.weight)  # (vocab,)
 
 
 class CompiledSteps(dict):

@@ -374,14 +374,14 @@ class MiniMindLM(nn.Module):
         # training a small share: the image runs, prompts and padding carry none), so that block makes its
         # queries, attention output and MLP there only; its keys and values still cover every position.
         # Not with MoE: the router's auxiliary loss is defined over all positions.
-        rows = valid = None
-        if labels is not None and not return_logits and labelled_last_block and not output_attentions \
-                and cache is None and not self.config.use_moe and (labels[:, 1:] != -100).any():
-            rows, valid = labelled_rows(labels)
+        loss_only = labels is not None and not return_logits
+        rows, valid = labelled_rows(labels) if loss_only else (None, None)  # where the loss reads the output
+        last_at_rows = loss_only and rows.shape[1] > 0 and labelled_last_block and not output_attentions \
+            and cache is None and not self.config.use_moe
         x = self.model.dropout(x)
         attentions = []
         for i, layer in enumerate(self.model.layers):
-            if rows is not None and i == len(self.model.layers) - 1:
+            if last_at_rows and i == len(self.model.layers) - 1:
                 x, w = layer(x, cos, sin, rows_mask(rows, attention_mask, T), None, i, False, rows)  # (B, N, h)
             else:
                 x, w = layer(x, cos, sin, mask, cache, i, output_attentions)
@@ -392,9 +392,8 @@ class MiniMindLM(nn.Module):
         aux_loss = x.new_zeros((), dtype=torch.float32)
         if self.config.use_moe:
             aux_loss = sum(layer.mlp.aux_loss for layer in self.model.layers)
-        if labels is not None and not return_logits:
-            if rows is None:  # every position went through every block: keep those followed by a label
-                rows, valid = labelled_rows(labels)
+        if loss_only:
+            if not last_at_rows:  # every position went through every block: keep those followed by a label
                 x = take(x, rows)
             loss = F.cross_entropy(self.lm_head(x[valid]).float(), labels.gather(1, rows + 1)[valid])  # N labels
             return LMOutput(logits=None, aux_loss=aux_loss, loss=loss + aux_loss,

@@ -249,6 +249,7 @@ def parse(stage: str, argv=None) -> TrainConfig:
     for k, v in recipe.items():
         if values.get(k) is None:
             values[k] = v
+    values = {k: v for k, v in values.items() if v is not None}  # neither flag nor recipe: the field's default
     cfg = TrainConfig(stage=stage, **values)
     if cfg.vision_lr is None:
         cfg.vision_lr = cfg.lr
@@ -257,8 +258,6 @@ def parse(stage: str, argv=None) -> TrainConfig:
     cfg.check()
     if cfg.group_by_length is None:
         cfg.group_by_length = not cfg.synthetic
-    if cfg.labelled_last_block is None:
-        cfg.labelled_last_block = True
     if world:
         cfg.shapes = world.options(args, stage, cfg.preset)
     return cfg
