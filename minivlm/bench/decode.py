@@ -8,13 +8,14 @@ bandwidth), whatever the batch; the copy bandwidth is measured in the same run. 
   compiled   generate(..., compiled=True): batch 1 only, one torch.compile graph per step
              (infer/compiled_decode.py); its ratio over the eager row of the same run is printed.
 
-A step's time is (generate of n tokens - generate of 1 token) / (n - 1), the faster of two tries,
-so both ways are timed alike and the prefill (identical in both) cancels out. Every row says whether
-its greedy tokens equal those of eager fp32 at the same batch.
+A step's time is the median time between two tokens of one answer (generate's own loop, stamped as
+each token comes out), the lower of two tries: both ways are timed alike, and the prefill is left out.
+Every row says whether its greedy tokens equal those of eager fp32 at the same batch.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -22,22 +23,29 @@ import torch
 from . import memory as bench_memory
 from .baselines import build_model, synthetic_batch
 from ..common import DTYPES, print0, sync
-from ..infer.generate import SamplingConfig, generate
+from ..infer.generate import SamplingConfig, _decode_steps
 
 
 def ms_per_step(model, ids, pixel_values, n_new: int, device, compiled: bool) -> tuple[float, torch.Tensor]:
-    """-> (ms per decode step, the greedy tokens (B, n_new))."""
-    def run(n):
-        sync(device)
-        t0 = time.perf_counter()
-        tokens = generate(model, ids, pixel_values, cfg=SamplingConfig(max_new_tokens=n), eos_id=None,
-                          compiled=compiled)
-        sync(device)
-        return time.perf_counter() - t0, tokens
+    """-> (median ms per decode step, the greedy tokens (B, n_new)).
 
-    tokens = run(n_new)[1]  # warm-up (and, compiled, the compile)
-    best = min(run(n_new)[0] - run(1)[0] for _ in range(2))
-    return best / (n_new - 1) * 1e3, tokens
+    The clock is stamped as each token comes out of generate's loop; the time between two tokens is
+    one step (sample + one forward), and the first token, which waits for the prefill, is not counted.
+    The median of the n_new - 1 steps ignores the odd step another process slows down."""
+    cfg = SamplingConfig(max_new_tokens=n_new)
+
+    def run():
+        stamps, tokens = [], []
+        for tok in _decode_steps(model, ids, pixel_values, None, None, cfg, None, 0, compiled):
+            sync(device)
+            stamps.append(time.perf_counter())
+            tokens.append(tok)
+        return statistics.median(b - a for a, b in zip(stamps, stamps[1:])), torch.stack(tokens, 1)
+
+    with torch.no_grad():
+        tokens = run()[1]  # warm-up (and, compiled, the compile)
+        best = min(run()[0] for _ in range(2))
+    return best * 1e3, tokens
 
 
 def bench_decode(args, device) -> dict:
