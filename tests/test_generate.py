@@ -345,7 +345,8 @@ def test_answer_places_images_at_the_markers_of_the_question(tok, vlm):
 
 
 def test_compiled_decoding_gives_the_eager_tokens_and_falls_back_where_it_cannot():
-    from minivlm.infer import compiled_decode
+    import mmap
+    from minivlm.infer import compiled_decode, hugepages
     torch.manual_seed(3)
     lm = MiniMindLM(LMConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, max_position_embeddings=512, qk_norm=True)).eval()
@@ -355,6 +356,10 @@ def test_compiled_decoding_gives_the_eager_tokens_and_falls_back_where_it_cannot
     assert torch.equal(generate(lm, prompt, cfg=greedy, eos_id=None, compiled=True), eager)
     [fast] = lm._compiled_decoders.values()  # it did decode through the compiled step: one, capacity 256
     assert fast.capacity == 256 and fast.keys[0].shape == (2, 256, 16)
+    # the step packed the decoder's weights in huge pages (where the OS has them); eager reads them alike
+    decoder_weights = [*lm.model.parameters(), lm.lm_head.weight]
+    assert hugepages.is_packed(decoder_weights) == hasattr(mmap, "MADV_HUGEPAGE")
+    assert torch.equal(generate(lm, prompt, cfg=greedy, eos_id=None), eager)
     # sampling draws from the same distribution with the same generator
     sampled = SamplingConfig(max_new_tokens=24, temperature=0.8, top_k=50, seed=5)
     assert torch.equal(generate(lm, prompt, cfg=sampled, eos_id=None, compiled=True),
@@ -367,11 +372,13 @@ def test_compiled_decoding_gives_the_eager_tokens_and_falls_back_where_it_cannot
     assert compiled_decode.decoder_for(lm, 300).capacity == 512  # room for 300 positions: the next power of two
     # a copy decodes with its own weights (a copied step would read the original's), and the model still pickles
     twin = copy.deepcopy(lm)
-    assert not twin._compiled_decoders
+    assert not twin._compiled_decoders and not hugepages.is_packed([*twin.model.parameters()])
     with torch.no_grad():
         twin.lm_head.weight.mul_(-1)
     assert torch.equal(generate(twin, prompt, cfg=greedy, eos_id=None, compiled=True),
                        generate(twin, prompt, cfg=greedy, eos_id=None))
     buffer = io.BytesIO()
     torch.save(lm, buffer)
-    assert not torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)._compiled_decoders
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    assert not loaded._compiled_decoders
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), lm.state_dict().values()))

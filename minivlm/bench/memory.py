@@ -111,14 +111,22 @@ def write_fake_checkpoint(path, preset: str = "26m"):
 # Decode roofline: a one-token step at batch 1 reads every decoder weight once
 
 
-def memory_bandwidth_gbs(device, mb: int = 256, reps: int = 5) -> float:
+def memory_bandwidth_gbs(device, mb: int = 256, reps: int = 5, huge_pages: bool = False) -> float | None:
     """Measured copy bandwidth (bytes read + written per second, GB/s): the median of `reps` copies
-    of an mb-MiB buffer, big enough to miss every cache."""
+    of an mb-MiB buffer, big enough to miss every cache. huge_pages: both buffers in 2 MB pages
+    (infer/hugepages.py; CPU only), None where the OS offers none."""
     import statistics
     import time
     from ..common import sync
-    a = torch.ones(mb * 2**20 // 4, device=device)
-    b = torch.empty_like(a)
+    from ..infer.hugepages import huge_page_buffer
+    n = mb * 2**20
+    if huge_pages:
+        if device.type != "cpu" or (a := huge_page_buffer(n)) is None:
+            return None
+        a, b = a.view(torch.float32).fill_(1), huge_page_buffer(n).view(torch.float32)
+    else:
+        a = torch.ones(n // 4, device=device)
+        b = torch.empty_like(a)
     b.copy_(a)  # first touch: page faults are not bandwidth
     times = []
     for _ in range(reps):
@@ -127,7 +135,7 @@ def memory_bandwidth_gbs(device, mb: int = 256, reps: int = 5) -> float:
         b.copy_(a)
         sync(device)
         times.append(time.perf_counter() - t0)
-    return 2 * a.numel() * 4 / statistics.median(times) / 1e9
+    return 2 * n / statistics.median(times) / 1e9
 
 
 def decoder_weight_bytes(model) -> int:
