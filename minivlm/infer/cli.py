@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype for inference")
     a("--compile", action="store_true",
       help="decode each answer through one compiled graph per token (torch.compile; needs a C++ compiler on "
-           "a CPU): 2.3-3.2x more tokens/s for 26m on a CPU, after a first compile of 10-30 s (not with --eval)")
+           "a CPU): 2.3-4.7x more tokens/s for 26m on a CPU, after a first compile of 10-30 s (not with --eval)")
     a("--num-heads", type=int, default=None,
       help="decoder attention heads, for checkpoints without a minivlm JSON (MiniMind: 8)")
     add_preset_flag(p)
