@@ -345,3 +345,16 @@ def test_a_bad_sample_with_two_workers_ends_the_run_instead_of_hanging(shapes_di
     r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=180)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "bad.jsonl:8: invalid JSON" in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_check_finite_finds_one_bad_value_in_any_float_dtype(dtype, bad):
+    from minivlm.model.checkpoint import check_finite
+    from minivlm.model.weights import WeightsError
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)).to(dtype)
+    check_finite(model, "ok.pth")  # all finite: no error
+    with torch.no_grad():
+        model[1].weight[2, 5] = bad
+    with pytest.raises(WeightsError, match=r"bad\.pth: tensor 1\.weight holds NaN or infinite"):
+        check_finite(model, "bad.pth")

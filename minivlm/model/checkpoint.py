@@ -37,7 +37,6 @@ from .siglip import SiglipVisionModel
 from .vision import CLIPVisionModel
 from .vlm import MiniMindVLM, build_vision_tower
 from ..common import atomic_link, atomic_write
-from .lm import rope_tables
 from ..data.tokenizer import Tokenizer
 from .weights import WeightsError, shapes_only, check_state_dict, load_state_dict, read_json
 
@@ -121,7 +120,9 @@ def _matching(made: str, usual: str, others: list, digest: str | None) -> str:
 def check_finite(model, source):
     """Refuse weights with NaN or infinity, naming the first such tensor."""
     for name, t in model.state_dict().items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        # min and max carry a NaN or an infinity through, without a full-size temporary (isfinite makes
+        # one per tensor: a bool copy, and a float one for bf16, ~17 MB of the 26m load's peak)
+        if t.is_floating_point() and t.numel() and not torch.isfinite(torch.stack(t.aminmax())).all():
             raise WeightsError(f"{source}: tensor {name} holds NaN or infinite values (a diverged or damaged "
                                f"checkpoint)")
 
@@ -172,16 +173,14 @@ def load_vlm(weights, vision=None, dtype: torch.dtype | None = None, **config_ov
                         vision=vision_model.config, **generation)
     cfg.vision = vision_model.config
     # Decoder and projector without their random init, which the checkpoint would overwrite; the
-    # checkpoint's tensors (converted one by one) then become the parameters.
+    # checkpoint's tensors (converted one by one) then become the parameters. (The RoPE tables are
+    # derived buffers, not in checkpoints: the constructor computes them, once.)
     with shapes_only():
         model = MiniMindVLM(cfg, vision_model=vision_model)
     check_state_dict(model.lm_state_dict(), {"lm_head.weight": sd["model.embed_tokens.weight"], **sd}, weights)
     model.load_state_dict(sd, strict=False, assign=True)  # vision keys: loaded with the tower
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
-    # The RoPE tables are derived buffers (not in checkpoints): computed for real now.
-    model.model.freqs_cos, model.model.freqs_sin = rope_tables(cfg.lm.head_dim, cfg.lm.max_position_embeddings,
-                                                               cfg.lm.rope_theta)
     check_finite(model, weights)
     return model
 
