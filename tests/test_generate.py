@@ -382,3 +382,20 @@ def test_compiled_decoding_gives_the_eager_tokens_and_falls_back_where_it_cannot
     loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
     assert not loaded._compiled_decoders
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), lm.state_dict().values()))
+
+
+def test_compiled_decoding_of_an_moe_decoder_falls_back_to_eager():
+    """An MoE step picks its experts from the data, which one static graph cannot: the same tokens, no
+    compiled step made, and the weights left where they were."""
+    from minivlm.infer import compiled_decode
+    torch.manual_seed(4)
+    lm = MiniMindLM(LMConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=256, use_moe=True)).eval()
+    prompt = torch.randint(3, 300, (1, 12))
+    greedy = SamplingConfig(max_new_tokens=10)
+    assert not compiled_decode.supported(lm, 1, None)
+    storages = [p.untyped_storage().data_ptr() for p in lm.parameters()]
+    assert torch.equal(generate(lm, prompt, cfg=greedy, eos_id=None, compiled=True),
+                       generate(lm, prompt, cfg=greedy, eos_id=None))
+    assert not lm.__dict__.get("_compiled_decoders")
+    assert [p.untyped_storage().data_ptr() for p in lm.parameters()] == storages
