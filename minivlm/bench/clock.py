@@ -10,7 +10,7 @@ import time
 import torch
 
 from ..common import autocast, sync
-from ..infer.generate import SamplingConfig, generate
+from ..infer.generate import SamplingConfig, _decode_steps, _eval_mode
 
 
 def time_it(fn, steps: int, warmup: int, device: torch.device) -> list[float]:
@@ -30,25 +30,24 @@ def time_it(fn, steps: int, warmup: int, device: torch.device) -> list[float]:
     return times
 
 
-def timed_generate(model, ids, pixel_values, n_new: int, device) -> tuple[list[float], float]:
-    """Greedy-generate n_new tokens; return the start time of every forward call and the end time.
+def timed_generate(model, ids, pixel_values, n_new: int, device, compiled: bool = False
+                   ) -> tuple[list[float], float, torch.Tensor]:
+    """Greedy-generate n_new tokens (generate's own loop; compiled: as in `generate`) and stamp the clock
+    as each token comes out. -> (stamps, end, tokens (B, n_new)).
 
-    `generate` calls the model once for the prefill and once per further token; a forward pre-hook
-    stamps the clock at each call, so one run yields the cost of every single token.
+    stamps[0] is the start; the prefill yields token 0, and stamps[k] (k >= 1) is the moment token k - 1
+    came out, so token k >= 1 costs stamps[k + 1] - stamps[k] (a sample and one forward; the last one
+    ends at `end`). One run yields the cost of every single token, whichever way the steps are computed.
     """
-    stamps = []
-
-    def stamp(module, inputs):
-        sync(device)  # the previous token's work is done: the clock measures work, not its launch
-        stamps.append(time.perf_counter())
-
-    hook = model.register_forward_pre_hook(stamp)
-    try:
-        generate(model, ids, pixel_values, cfg=SamplingConfig(max_new_tokens=n_new), eos_id=None)
-        sync(device)
-    finally:
-        hook.remove()
-    return stamps, time.perf_counter()
+    cfg = SamplingConfig(max_new_tokens=n_new)
+    sync(device)
+    stamps, tokens = [time.perf_counter()], []
+    with torch.no_grad(), _eval_mode(model):
+        for tok in _decode_steps(model, ids, pixel_values, None, None, cfg, None, 0, compiled):
+            sync(device)  # the token's work is done: the clock measures work, not its launch
+            stamps.append(time.perf_counter())
+            tokens.append(tok)
+    return stamps[:-1], stamps[-1], torch.stack(tokens, 1)
 
 
 def optimizer_step(model, ids, pixel_values, labels, optimizer, scaler, device, dtype):

@@ -19,35 +19,27 @@ Every row says whether its greedy tokens equal those of eager fp32 at the same b
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
 from . import memory as bench_memory
 from .baselines import build_model, synthetic_batch
-from ..common import DTYPES, print0, sync
-from ..infer.generate import SamplingConfig, _decode_steps
+from .clock import timed_generate
+from ..common import DTYPES, print0
 
 
 def ms_per_step(model, ids, pixel_values, n_new: int, device, compiled: bool) -> tuple[float, torch.Tensor]:
     """-> (median ms per decode step, the greedy tokens (B, n_new)).
 
-    The clock is stamped as each token comes out of generate's loop; the time between two tokens is
-    one step (sample + one forward), and the first token, which waits for the prefill, is not counted.
-    The median of the n_new - 1 steps ignores the odd step another process slows down."""
-    cfg = SamplingConfig(max_new_tokens=n_new)
-
+    The time between two tokens of one answer is one step (sample + one forward, `timed_generate`); the
+    first token, which waits for the prefill, is not counted. The median of the n_new - 1 steps ignores
+    the odd step another process slows down."""
     def run():
-        stamps, tokens = [], []
-        for tok in _decode_steps(model, ids, pixel_values, None, None, cfg, None, 0, compiled):
-            sync(device)
-            stamps.append(time.perf_counter())
-            tokens.append(tok)
-        return statistics.median(b - a for a, b in zip(stamps, stamps[1:])), torch.stack(tokens, 1)
+        stamps, end, tokens = timed_generate(model, ids, pixel_values, n_new, device, compiled)
+        return statistics.median(b - a for a, b in zip(stamps[1:], stamps[2:] + [end])), tokens
 
-    with torch.no_grad():
-        tokens = run()[1]  # warm-up (and, compiled, the compile)
-        best = min(run()[0] for _ in range(2))
+    tokens = run()[1]  # warm-up (and, compiled, the compile)
+    best = min(run()[0] for _ in range(2))
     return best * 1e3, tokens
 
 

@@ -259,7 +259,7 @@ def bench_decode(args, device, progress) -> list[dict]:
         timed_generate(model, ids, pixel_values, 2, device)  # warm-up: first calls allocate, pick kernels
         empty_cache(device)
         reset_peak_memory(device)
-        stamps, end = timed_generate(model, ids, pixel_values, args.new_tokens, device)
+        stamps, end, _ = timed_generate(model, ids, pixel_values, args.new_tokens, device)
         # stamps[0] starts the prefill, which yields token 0; token k >= 1 costs stamps[k+1] - stamps[k]
         # (the last one ends at `end`). The median: a shared machine adds random stalls.
         step_s = float(np.median(np.diff(stamps + [end])[1:]))

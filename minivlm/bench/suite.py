@@ -196,7 +196,7 @@ def bench_generate(args, device) -> dict:
         if i == 0:
             _timed_generate(model, ids, pixel_values, 4, device)  # warm-up (first calls allocate)
         reset_peak_memory(device)
-        stamps, end = _timed_generate(model, ids, pixel_values, n_max, device)
+        stamps, end, _ = _timed_generate(model, ids, pixel_values, n_max, device)
         # Token 0 comes out of the prefill; token k >= 1 costs stamps[k+1] - stamps[k] (the last one
         # ends at `end`). Medians, as everywhere here: a shared machine adds random stalls.
         step_s = np.diff(stamps + [end])[1:]  # (n_max - 1,)
